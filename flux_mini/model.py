@@ -1,0 +1,368 @@
+"""The Flux.1 transformer, module by module, in the official (BFL) parameter layout.
+
+Shapes: B batch, T text tokens, L image tokens, D hidden size, H heads, Dh head dim, r concepts.
+The math follows `shared/spec/flux-format.md` §3; every module name matches a key of the official
+state dict, so `model.state_dict()` *is* the checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Hyperparameters, with the field names of the official code."""
+
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(
+                f"axes_dim {list(self.axes_dim)} sums to {sum(self.axes_dim)}, but the head dim is "
+                f"{self.head_dim} (hidden_size / num_heads); RoPE must cover the whole head"
+            )
+        if any(a % 2 for a in self.axes_dim):
+            raise ValueError(f"every RoPE axis dim must be even, got axes_dim {list(self.axes_dim)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_layers(self) -> int:
+        """Double plus single blocks: the layer numbering used for concept maps."""
+        return self.depth + self.depth_single_blocks
+
+    @classmethod
+    def from_preset(cls, name: str) -> FluxConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown Flux preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "axes_dim": list(self.axes_dim)}
+
+
+_SCHNELL = FluxConfig()
+_DEV = replace(_SCHNELL, guidance_embed=True)
+PRESETS: dict[str, FluxConfig] = {
+    "flux-schnell": _SCHNELL,
+    "flux-dev": _DEV,
+    "flux-dev-krea": _DEV,
+    "flux-dev-kontext": _DEV,
+    "flux-dev-fill": replace(_DEV, in_channels=384),
+    "flux-dev-canny": replace(_DEV, in_channels=128),
+    "flux-dev-depth": replace(_DEV, in_channels=128),
+}
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] (or a guidance value): (B,) -> (B, dim), cosines first.
+
+    `time_factor * t` is computed in t's dtype, as the reference does (it matters in bf16)."""
+    t = time_factor * t
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if torch.is_floating_point(t) else emb
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear: lifts timesteps, guidance and the pooled CLIP vector to D."""
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RoPE(nn.Module):
+    """N-axis rotary embedding: ids (B, L, n_axes) -> (cos, sin), each (B, 1, L, Dh), float32.
+
+    Each axis rotates its own slice of the head dims, in interleaved pairs (2p, 2p+1)."""
+
+    def __init__(self, axes_dim: tuple[int, ...], theta: int):
+        super().__init__()
+        self.axes_dim = axes_dim
+        self.theta = theta
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        angles = []
+        for axis, dim in enumerate(self.axes_dim):
+            omega = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+            angles.append(ids[..., axis, None].float() * omega.float())  # (B, L, dim/2)
+        angle = repeat(torch.cat(angles, dim=-1), "b l p -> b 1 l (p two)", two=2)
+        return angle.cos(), angle.sin()
+
+
+def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate each pair (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1), in float32; x: (B, H, L, Dh)."""
+    cos, sin = pe
+    xf = x.float()
+    pairs = rearrange(xf, "... (p two) -> ... p two", two=2)
+    swapped = rearrange(torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1), "... p two -> ... (p two)")
+    return (xf * cos + swapped * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation and modulation
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the head dim with a learned gain, statistics in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+@dataclass
+class ModulationOut:
+    """One adaLN set: x -> (1 + scale) * LN(x) + shift, and the residual gate of the branch."""
+
+    shift: Tensor  # (B, 1, D)
+    scale: Tensor
+    gate: Tensor
+
+    def modulate(self, x: Tensor) -> Tensor:
+        return (1 + self.scale) * layer_norm(x) + self.shift
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    """The affine-free LayerNorm (eps 1e-6) used everywhere in the transformer."""
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+class Modulation(nn.Module):
+    """vec (B, D) -> one (double=False) or two (double=True) ModulationOut sets."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim)
+
+    def forward(self, vec: Tensor) -> list[ModulationOut]:
+        chunks = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return [ModulationOut(*chunks[i : i + 3]) for i in range(0, self.multiplier, 3)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused projection (B, L, 3*D) -> q, k, v, each (B, H, L, Dh); q, k, v are contiguous D-blocks."""
+    q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=num_heads)
+    return q, k, v
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    return rearrange(x, "b h l d -> b l (h d)")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unmasked scaled-dot-product attention, heads kept apart: (B, H, Lq, Dh)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class SelfAttention(nn.Module):
+    """The per-stream attention parameters of a double block: fused qkv, QK-norm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Modulated tokens (B, L, D) -> normalised q, k and raw v, each (B, H, L, Dh)."""
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    """Linear -> GELU(tanh) -> Linear; indices 0 and 2 are the official keys."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text keep separate weights and meet only in one joint attention."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        dim, heads = config.hidden_size, config.num_heads
+        self.num_heads = heads
+        self.img_mod = Modulation(dim, double=True)
+        self.img_attn = SelfAttention(dim, heads, config.qkv_bias)
+        self.img_mlp = mlp(dim, config.mlp_hidden_dim)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_attn = SelfAttention(dim, heads, config.qkv_bias)
+        self.txt_mlp = mlp(dim, config.mlp_hidden_dim)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """img (B, L, D), txt (B, T, D), vec (B, D), pe over [txt ; img] -> updated (img, txt)."""
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(img))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod1.modulate(txt))
+
+        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
+        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
+        v = torch.cat((txt_v, img_v), dim=2)
+        out = merge_heads(attention(q, k, v))  # (B, T + L, D)
+        txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
+
+        img = img + img_mod1.gate * self.img_attn.proj(img_out)
+        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(img))
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_out)
+        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(txt))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Text and image as one sequence; attention and MLP run in parallel from fused projections."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_heads
+        self.hidden_size = dim
+        self.mlp_hidden_dim = config.mlp_hidden_dim
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden_dim)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden_dim, dim)
+        self.norm = QKNorm(config.head_dim)
+        self.modulation = Modulation(dim, double=False)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+        """x (B, T + L, D), text first -> updated x."""
+        (mod,) = self.modulation(vec)
+        qkv, mlp_in = self.linear1(mod.modulate(x)).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = merge_heads(attention(apply_rope(q, pe), apply_rope(k, pe), v))
+        return x + mod.gate * self.linear2(torch.cat((out, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+
+
+class LastLayer(nn.Module):
+    """Final adaLN (shift, scale; no gate) and the projection to output channels."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, img: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear((1 + scale) * layer_norm(img) + shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Flux(nn.Module):
+    """Flow-matching transformer: packed latent tokens + T5 tokens + pooled CLIP -> velocity."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.pe_embedder = RoPE(config.axes_dim, config.theta)
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(config.context_in_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
+        self.final_layer = LastLayer(dim, config.out_channels)
+
+    def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """The modulation vector: time, then guidance (dev family), then pooled text; (B, D)."""
+        vec = self.time_in(timestep_embedding(timesteps))
+        if self.config.guidance_embed:
+            if guidance is None:
+                raise ValueError("this Flux variant is guidance-distilled (dev family): pass `guidance`, e.g. 3.5")
+            vec = vec + self.guidance_in(timestep_embedding(guidance))
+        return vec + self.vector_in(y)
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
+        """img (B, L, in_channels), img_ids (B, L, 3), txt (B, T, context_in_dim), txt_ids (B, T, 3),
+        timesteps (B,) in [0, 1], y (B, vec_in_dim), guidance (B,) -> velocity (B, L, out_channels)."""
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
+        vec = self.conditioning(timesteps, y, guidance)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        img, txt = self.img_in(img), self.txt_in(txt)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
