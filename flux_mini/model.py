@@ -8,7 +8,8 @@ state dict, so `model.state_dict()` *is* the checkpoint layout.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -239,6 +240,72 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 
 
 # ----------------------------------------------------------------------------------------------
+# ConceptAttention: concept tokens on their own residual stream (Helbling et al., ICML 2025)
+
+ATTENTION_MODES = ("both", "cross", "self", "none")
+
+
+@dataclass
+class ConceptStream:
+    """Concept tokens travelling beside the text stream through the text-stream weights of each block.
+
+    They attend to image tokens (and to each other) but no other token attends to them, so the image
+    and text outputs are exactly those of the plain forward. Concept ids are zero (like text ids), so
+    RoPE leaves their queries and keys unrotated and is skipped for them."""
+
+    tokens: Tensor  # (B, r, D) the concept residual stream
+    vec: Tensor  # (B, D) its modulation vector: time [+ guidance] + vector_in(concept pooled input)
+    attention: str = "both"  # keys/values of the concept queries: "both", "cross" (image only), "self", "none"
+    cross_attention: bool = False  # also return the raw cross-attention baseline q_img . k_concept
+    values: bool = False  # also return the value vectors (value-space ablation)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+
+    def advance(self, tokens: Tensor) -> ConceptStream:
+        return replace(self, tokens=tokens)
+
+
+@dataclass
+class ConceptLayer:
+    """What one block exposes about the concepts: attention outputs before the output projection
+    (heads concatenated), the stream for the next block, and the optional baselines."""
+
+    concept_out: Tensor  # (B, r, D)  o_c
+    image_out: Tensor  # (B, N, D)  o_x, the image rows of the joint attention output
+    stream: ConceptStream  # the concept stream after this block's residual updates
+    cross_attention: Tensor | None = None  # (B, H, r, N) q_img . k_c after QK-norm, before RoPE, unscaled
+    concept_values: Tensor | None = None  # (B, r, D)
+    image_values: Tensor | None = None  # (B, N, D)
+
+
+def concept_attention(q_c: Tensor, k_c: Tensor, v_c: Tensor, k_img: Tensor, v_img: Tensor, mode: str) -> Tensor:
+    """Only the r concept query rows: (B, H, r, Dh) over [concept ; image] keys (or one of them)."""
+    if mode == "none":
+        return v_c
+    if mode == "self":
+        return attention(q_c, k_c, v_c)
+    if mode == "cross":
+        return attention(q_c, k_img, v_img)
+    return attention(q_c, torch.cat((k_c, k_img), dim=2), torch.cat((v_c, v_img), dim=2))
+
+
+def concept_layer(
+    stream: ConceptStream, concept_out: Tensor, k_c: Tensor, v_c: Tensor, img_q: Tensor, img_v: Tensor, img_out: Tensor
+) -> ConceptLayer:
+    """Package one block's concept results with the baselines the stream asked for; img_q is pre-RoPE."""
+    return ConceptLayer(
+        concept_out=concept_out,
+        image_out=img_out,
+        stream=stream,
+        cross_attention=torch.einsum("bhnd,bhrd->bhrn", img_q, k_c) if stream.cross_attention else None,
+        concept_values=merge_heads(v_c) if stream.values else None,
+        image_values=merge_heads(img_v) if stream.values else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Blocks
 
 
@@ -256,8 +323,10 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, heads, config.qkv_bias)
         self.txt_mlp = mlp(dim, config.mlp_hidden_dim)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """img (B, L, D), txt (B, T, D), vec (B, D), pe over [txt ; img] -> updated (img, txt)."""
+    def forward(
+        self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor], concepts: ConceptStream | None = None
+    ) -> tuple[Tensor, Tensor, ConceptLayer | None]:
+        """img (B, L, D), txt (B, T, D), vec (B, D), pe over [txt ; img] -> (img, txt, concept layer or None)."""
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
         img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(img))
@@ -273,7 +342,20 @@ class DoubleStreamBlock(nn.Module):
         img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(img))
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_out)
         txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(txt))
-        return img, txt
+        if concepts is None:
+            return img, txt, None
+        return img, txt, self.concept_forward(concepts, img_q, k[:, :, txt.shape[1] :], img_v, img_out)
+
+    def concept_forward(
+        self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor
+    ) -> ConceptLayer:
+        """The concept stream through this block's *text* weights; img_k is RoPE-rotated, img_q is not."""
+        mod1, mod2 = self.txt_mod(concepts.vec)
+        q_c, k_c, v_c = self.txt_attn.qkv_heads(mod1.modulate(concepts.tokens))
+        o_c = merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention))  # (B, r, D)
+        c = concepts.tokens + mod1.gate * self.txt_attn.proj(o_c)
+        c = c + mod2.gate * self.txt_mlp(mod2.modulate(c))
+        return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
 
 class SingleStreamBlock(nn.Module):
@@ -290,14 +372,36 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(config.head_dim)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-        """x (B, T + L, D), text first -> updated x."""
+    def forward(
+        self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor], concepts: ConceptStream | None = None, num_txt: int = 0
+    ) -> tuple[Tensor, ConceptLayer | None]:
+        """x (B, T + L, D), text first -> (x, concept layer or None); num_txt = T is needed with concepts."""
         (mod,) = self.modulation(vec)
-        qkv, mlp_in = self.linear1(mod.modulate(x)).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v, mlp_in = self.project(mod.modulate(x))
+        k_rot = apply_rope(k, pe)
+        out = merge_heads(attention(apply_rope(q, pe), k_rot, v))
+        x_next = x + mod.gate * self.linear2(torch.cat((out, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+        if concepts is None:
+            return x_next, None
+        img = slice(num_txt, None)
+        return x_next, self.concept_forward(concepts, q[:, :, img], k_rot[:, :, img], v[:, :, img], out[:, img])
+
+    def project(self, xm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Modulated tokens -> normalised q, k, raw v (B, H, L, Dh) and the MLP input (B, L, M)."""
+        qkv, mlp_in = self.linear1(xm).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        out = merge_heads(attention(apply_rope(q, pe), apply_rope(k, pe), v))
-        return x + mod.gate * self.linear2(torch.cat((out, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+        return q, k, v, mlp_in
+
+    def concept_forward(
+        self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor
+    ) -> ConceptLayer:
+        """Extension beyond the paper: concepts through this block's shared weights."""
+        (mod,) = self.modulation(concepts.vec)
+        q_c, k_c, v_c, mlp_c = self.project(mod.modulate(concepts.tokens))
+        o_c = merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention))  # (B, r, D)
+        c = concepts.tokens + mod.gate * self.linear2(torch.cat((o_c, F.gelu(mlp_c, approximate="tanh")), dim=-1))
+        return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
 
 class LastLayer(nn.Module):
@@ -343,6 +447,62 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance))
         return vec + self.vector_in(y)
 
+    def concept_stream(
+        self,
+        concept_txt: Tensor,
+        timesteps: Tensor,
+        concept_y: Tensor | None = None,
+        guidance: Tensor | None = None,
+        attention: str = "both",
+        cross_attention: bool = False,
+        values: bool = False,
+    ) -> ConceptStream:
+        """Concept embeddings in T5 space (B, r, context_in_dim) -> the initial concept stream.
+
+        Its modulation vector uses `concept_y` as pooled input, zeros when None (the authors' choice)."""
+        if concept_y is None:
+            concept_y = concept_txt.new_zeros(concept_txt.shape[0], self.config.vec_in_dim)
+        return ConceptStream(
+            tokens=self.txt_in(concept_txt),
+            vec=self.conditioning(timesteps, concept_y, guidance),
+            attention=attention,
+            cross_attention=cross_attention,
+            values=values,
+        )
+
+    def layers(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        concepts: ConceptStream | None = None,
+        concepts_in_single_blocks: bool = False,
+    ) -> Iterator[LayerOutput]:
+        """Run the blocks one by one, yielding after each; stop iterating to stop the model early.
+
+        Layers are numbered 0..depth-1 (double blocks), then depth.. (single blocks). The concept stream,
+        when given, runs through the double blocks, and through the single blocks too when asked."""
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
+        vec = self.conditioning(timesteps, y, guidance)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        img, txt = self.img_in(img), self.txt_in(txt)
+        for index, block in enumerate(self.double_blocks):
+            img, txt, concept = block(img, txt, vec, pe, concepts)
+            concepts = concept.stream if concept is not None else None
+            yield LayerOutput(index, img, vec, concept)
+        concepts = concepts if concepts_in_single_blocks else None
+        num_txt = txt.shape[1]
+        x = torch.cat((txt, img), dim=1)
+        for index, block in enumerate(self.single_blocks, start=self.config.depth):
+            x, concept = block(x, vec, pe, concepts, num_txt)
+            concepts = concept.stream if concept is not None else None
+            yield LayerOutput(index, x[:, num_txt:], vec, concept)
+
     def forward(
         self,
         img: Tensor,
@@ -355,14 +515,17 @@ class Flux(nn.Module):
     ) -> Tensor:
         """img (B, L, in_channels), img_ids (B, L, 3), txt (B, T, context_in_dim), txt_ids (B, T, 3),
         timesteps (B,) in [0, 1], y (B, vec_in_dim), guidance (B,) -> velocity (B, L, out_channels)."""
-        if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
-        vec = self.conditioning(timesteps, y, guidance)
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        img, txt = self.img_in(img), self.txt_in(txt)
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
-        x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        for layer in self.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance):
+            pass
+        return self.final_layer(layer.img, layer.vec)
+
+
+@dataclass
+class LayerOutput:
+    """The state after one block: its layer number, the image tokens (B, L, D), the modulation vector,
+    and the concept results when a concept stream runs."""
+
+    index: int
+    img: Tensor
+    vec: Tensor
+    concepts: ConceptLayer | None

@@ -1,0 +1,220 @@
+"""From per-layer concept results to saliency maps: scores, normalisation, streaming aggregation.
+
+A map is a (B, r, N) tensor: for each image token, one value per concept. Per layer and per timestep
+the scores become a distribution over concepts (softmax), then a running mean over the chosen layers
+and timesteps keeps memory at O(r x N) however many steps and layers are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from flux_mini.model import Flux, LayerOutput
+
+SPACES = ("output", "cross_attention", "value")
+NORMALIZATIONS = (None, "linear")
+
+
+def linear_normalize(x: Tensor, dim: int) -> Tensor:
+    """Shift to a minimum of 0 along `dim`, then divide by the sum along `dim` (a zero sum counts as 1)."""
+    shifted = x - x.amin(dim=dim, keepdim=True)
+    total = shifted.sum(dim=dim, keepdim=True)
+    return shifted / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def dot_scores(concept_vectors: Tensor, image_vectors: Tensor, normalize: str | None) -> Tensor:
+    """(B, r, D) . (B, N, D) -> (B, r, N); `linear` normalises each feature over the concepts first."""
+    if normalize == "linear":
+        concept_vectors = linear_normalize(concept_vectors, dim=1)
+    return torch.einsum("brd,bnd->brn", concept_vectors, image_vectors)
+
+
+def layer_maps(layer: LayerOutput, space: str, softmax: bool, normalize: str | None) -> Tensor:
+    """One layer's map in `space`, (B, r, N): softmax over concepts (per head for cross-attention,
+    then the mean over heads)."""
+    concepts = layer.concepts
+    if space == "cross_attention":
+        scores = concepts.cross_attention  # (B, H, r, N)
+        return (scores.softmax(dim=2) if softmax else scores).mean(dim=1)
+    if space == "output":
+        scores = dot_scores(concepts.concept_out, concepts.image_out, normalize)
+    else:
+        scores = dot_scores(concepts.concept_values, concepts.image_values, normalize)
+    return scores.softmax(dim=1) if softmax else scores
+
+
+@dataclass
+class MapAccumulator:
+    """Running means of concept maps over the layers and timesteps fed to it.
+
+    Memory is O(spaces x B x r x N), plus O(layers x ...) when `per_layer` is on. Raw vectors are kept
+    only for the layers in `vector_layers`, and only while `keep_vectors` is switched on by the caller
+    (e.g. for chosen timesteps)."""
+
+    spaces: tuple[str, ...] = ("output",)
+    softmax: bool = True
+    normalize: str | None = None
+    per_layer: bool = False
+    vector_layers: frozenset[int] = frozenset()
+    keep_vectors: bool = False
+    count: int = 0
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    layer_sums: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+    layer_counts: dict[int, int] = field(default_factory=dict)
+    vectors: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.spaces if s not in SPACES]
+        if unknown or not self.spaces:
+            raise ValueError(f"spaces must be a non-empty subset of {SPACES}, got {list(self.spaces)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+
+    def add(self, layer: LayerOutput, step: int | None = None) -> None:
+        for space in self.spaces:
+            maps = layer_maps(layer, space, self.softmax, self.normalize).float()
+            self.sums[space] = self.sums[space] + maps if space in self.sums else maps
+            if self.per_layer:
+                sums = self.layer_sums.setdefault(space, {})
+                sums[layer.index] = sums[layer.index] + maps if layer.index in sums else maps
+        self.count += 1
+        self.layer_counts[layer.index] = self.layer_counts.get(layer.index, 0) + 1
+        if self.keep_vectors and layer.index in self.vector_layers:
+            self.vectors.append(
+                {
+                    "layer": layer.index,
+                    "step": step,
+                    "concept_out": layer.concepts.concept_out.detach().cpu(),
+                    "image_out": layer.concepts.image_out.detach().cpu(),
+                }
+            )
+
+    def mean(self) -> dict[str, Tensor]:
+        """space -> (B, r, N) mean over everything added."""
+        if not self.count:
+            raise RuntimeError("no concept layer was accumulated: check the requested layers and timesteps")
+        return {space: total / self.count for space, total in self.sums.items()}
+
+    def layer_means(self) -> dict[str, Tensor]:
+        """space -> (layers, B, r, N), layers in increasing order."""
+        order = sorted(self.layer_counts)
+        return {
+            space: torch.stack([sums[i] / self.layer_counts[i] for i in order]) for space, sums in self.layer_sums.items()
+        }
+
+
+def check_layers(model: Flux, layers: Iterable[int] | None) -> list[int]:
+    """Validate layer numbers (double blocks 0..depth-1, single blocks after); None = all double blocks."""
+    config = model.config
+    chosen = list(range(config.depth)) if layers is None else sorted(set(int(i) for i in layers))
+    if not chosen:
+        raise ValueError("no layers requested: pass layer numbers, or None for all double blocks")
+    bad = [i for i in chosen if not 0 <= i < config.num_layers]
+    if bad:
+        raise ValueError(
+            f"layers {bad} do not exist: this model has double blocks 0..{config.depth - 1} and single blocks "
+            f"{config.depth}..{config.num_layers - 1}"
+        )
+    return chosen
+
+
+def run_concept_layers(
+    model: Flux,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: Tensor,
+    y: Tensor,
+    concept_txt: Tensor,
+    accumulator: MapAccumulator,
+    layers: list[int],
+    guidance: Tensor | None = None,
+    concept_y: Tensor | None = None,
+    attention: str = "both",
+    need_output: bool = False,
+    step: int | None = None,
+) -> Tensor | None:
+    """One model pass with the concept stream, feeding the requested layers to `accumulator`.
+
+    Without `need_output` the pass stops after the last requested layer (maps cost no more than the
+    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels)."""
+    stream = model.concept_stream(
+        concept_txt,
+        timesteps,
+        concept_y,
+        guidance,
+        attention=attention,
+        cross_attention="cross_attention" in accumulator.spaces,
+        values="value" in accumulator.spaces,
+    )
+    wanted, last = set(layers), max(layers)
+    through_single = last >= model.config.depth
+    for layer in model.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, stream, through_single):
+        if layer.index in wanted:
+            accumulator.add(layer, step)
+        if not need_output and layer.index >= last:
+            return None
+    return model.final_layer(layer.img, layer.vec)
+
+
+@torch.no_grad()
+def compute_concept_maps(
+    model: Flux,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: Tensor,
+    y: Tensor,
+    concept_txt: Tensor,
+    guidance: Tensor | None = None,
+    concept_y: Tensor | None = None,
+    layers: Iterable[int] | None = None,
+    space: str = "output",
+    softmax: bool = True,
+    attention: str = "both",
+) -> Tensor:
+    """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
+
+    `timesteps` is the diffusion time as in the model's forward; `concept_txt` the concept embeddings in
+    T5 space (B, r, context_in_dim); `concept_y` the concept stream's pooled input (zeros when None)."""
+    check_concept_txt(model, concept_txt, img.shape[0])
+    accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
+    run_concept_layers(
+        model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, check_layers(model, layers),
+        guidance=guidance, concept_y=concept_y, attention=attention,
+    )
+    return accumulator.mean()[space]
+
+
+def check_concept_txt(model: Flux, concept_txt: Tensor, batch: int) -> None:
+    expected = (batch, "r >= 1", model.config.context_in_dim)
+    if concept_txt.ndim != 3 or concept_txt.shape[0] != batch or concept_txt.shape[2] != model.config.context_in_dim:
+        raise ValueError(f"concept_txt must be (B, r, context_in_dim) = {expected}, got {tuple(concept_txt.shape)}")
+    if concept_txt.shape[1] == 0:
+        raise ValueError("concept_txt holds no concepts: pass at least one concept")
+
+
+def to_grid(maps: Tensor, height: int, width: int) -> Tensor:
+    """(B, r, N) -> (B, r, height, width) in row-major token order."""
+    return rearrange(maps, "b r (h w) -> b r h w", h=height, w=width)
+
+
+def gaussian_blur3x3(maps: Tensor, sigma: float = 1.0) -> Tensor:
+    """3x3 Gaussian blur of (..., h, w) maps with reflected borders (the authors' segmentation trick)."""
+    offsets = torch.tensor([-1.0, 0.0, 1.0], dtype=maps.dtype, device=maps.device)
+    kernel1d = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel1d = kernel1d / kernel1d.sum()
+    kernel = (kernel1d[:, None] * kernel1d[None, :])[None, None]
+    lead = maps.shape[:-2]
+    flat = rearrange(maps, "... h w -> (...) 1 h w")
+    pad = "reflect" if min(maps.shape[-2:]) > 1 else "replicate"
+    blurred = F.conv2d(F.pad(flat, (1, 1, 1, 1), mode=pad), kernel)
+    return blurred.reshape(*lead, *maps.shape[-2:])
