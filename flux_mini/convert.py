@@ -1,0 +1,137 @@
+"""Transformer state dicts: BFL layout (ours) <-> diffusers `FluxTransformer2DModel` layout (spec §6.1).
+
+diffusers splits the fused projections (double-block qkv, single-block linear1) into separate
+tensors and stores the final modulation as (scale, shift) instead of (shift, scale). Split widths are
+read off the tensors themselves, so any hidden size and MLP ratio converts (diffusers' own single-file
+converter assumes 3072 and ratio 4).
+
+Keys that no rule knows pass through unchanged, so a strict load afterwards names them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One BFL tensor and the diffusers tensor(s) it becomes.
+
+    kind: "same" (renamed only), "swap" (the two halves of dim 0 exchanged: shift/scale <-> scale/shift),
+    "split" (dim 0 cut into equal parts), "split_mlp" (dim 0 cut into D, D, D and the MLP rest, where D
+    is the output width, dim 0, of `width_key`)."""
+
+    bfl: str
+    diffusers: tuple[str, ...]
+    kind: str = "same"
+    width_key: str = ""
+
+
+def _weight_and_bias(bfl: str, diffusers: str | tuple[str, ...], kind: str = "same", width_key: str = "") -> list[Rule]:
+    names = (diffusers,) if isinstance(diffusers, str) else diffusers
+    return [Rule(f"{bfl}.{p}", tuple(f"{n}.{p}" for n in names), kind, width_key) for p in ("weight", "bias")]
+
+
+def _global_rules() -> list[Rule]:
+    stems = [
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+        ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+        ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+        ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+        ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+        ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+        ("final_layer.linear", "proj_out"),
+    ]
+    rules = [r for bfl, dif in stems for r in _weight_and_bias(bfl, dif)]
+    return rules + _weight_and_bias("final_layer.adaLN_modulation.1", "norm_out.linear", kind="swap")
+
+
+def _double_rules(i: int) -> list[Rule]:
+    b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+    rules = []
+    streams = {  # BFL stream -> diffusers (modulation, q/k/v, out projection, feed-forward, qk-norm infix)
+        "img": ("norm1", ("to_q", "to_k", "to_v"), "to_out.0", "ff", ""),
+        "txt": ("norm1_context", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context", "added_"),
+    }
+    for s, (mod, qkv, proj, ff, added) in streams.items():
+        rules += _weight_and_bias(f"{b}.{s}_mod.lin", f"{d}.{mod}.linear")
+        rules += _weight_and_bias(f"{b}.{s}_attn.qkv", tuple(f"{d}.attn.{n}" for n in qkv), kind="split")
+        rules += _weight_and_bias(f"{b}.{s}_attn.proj", f"{d}.attn.{proj}")
+        rules += _weight_and_bias(f"{b}.{s}_mlp.0", f"{d}.{ff}.net.0.proj")
+        rules += _weight_and_bias(f"{b}.{s}_mlp.2", f"{d}.{ff}.net.2")
+        rules += [
+            Rule(f"{b}.{s}_attn.norm.query_norm.scale", (f"{d}.attn.norm_{added}q.weight",)),
+            Rule(f"{b}.{s}_attn.norm.key_norm.scale", (f"{d}.attn.norm_{added}k.weight",)),
+        ]
+    return rules
+
+
+def _single_rules(i: int) -> list[Rule]:
+    b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+    fused = tuple(f"{d}.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+    return [
+        *_weight_and_bias(f"{b}.linear1", fused, kind="split_mlp", width_key=f"{b}.linear2.weight"),
+        *_weight_and_bias(f"{b}.linear2", f"{d}.proj_out"),
+        Rule(f"{b}.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",)),
+        Rule(f"{b}.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",)),
+        *_weight_and_bias(f"{b}.modulation.lin", f"{d}.norm.linear"),
+    ]
+
+
+def _block_indices(keys, pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
+
+
+def rules_for(keys) -> list[Rule]:
+    """The rules for every block index that occurs in `keys` (either layout)."""
+    doubles = _block_indices(keys, r"(?:double_blocks|transformer_blocks)\.(\d+)\.")
+    singles = _block_indices(keys, r"(?:single_blocks|single_transformer_blocks)\.(\d+)\.")
+    return _global_rules() + [r for i in doubles for r in _double_rules(i)] + [r for i in singles for r in _single_rules(i)]
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat((second, first), dim=0)
+
+
+def bfl_to_diffusers(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """BFL names -> diffusers names; splits are views (no copy), the norm_out swap copies."""
+    rest, out = dict(tensors), {}
+    for rule in rules_for(tensors):
+        if rule.bfl not in rest or (rule.width_key and rule.width_key not in tensors):
+            continue
+        t = rest.pop(rule.bfl)
+        if rule.kind == "same":
+            parts = (t,)
+        elif rule.kind == "swap":
+            parts = (_swap_halves(t),)
+        elif rule.kind == "split":
+            parts = t.chunk(len(rule.diffusers), dim=0)
+        else:  # split_mlp: [q, k, v, mlp_in]
+            width = tensors[rule.width_key].shape[0]
+            parts = t.split([width, width, width, t.shape[0] - 3 * width], dim=0)
+        out.update(zip(rule.diffusers, parts))
+    return out | rest
+
+
+def diffusers_to_bfl(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers names -> BFL names; fused tensors are concatenated (a copy) in the order q, k, v(, mlp)."""
+    rest, out = dict(tensors), {}
+    for rule in rules_for(tensors):
+        if not all(name in rest for name in rule.diffusers):
+            continue
+        parts = [rest.pop(name) for name in rule.diffusers]
+        if rule.kind == "same":
+            out[rule.bfl] = parts[0]
+        elif rule.kind == "swap":
+            out[rule.bfl] = _swap_halves(parts[0])
+        else:
+            out[rule.bfl] = torch.cat(parts, dim=0)
+    return out | rest
