@@ -1,0 +1,494 @@
+"""The zero-shot segmentation benchmark: maps -> predictions -> pooled metrics, resumable and shardable.
+
+One `encode_image` per image and concept-stream configuration (ConceptAttention, the cross-attention baseline
+and the value-space ablation come from the same pass; the self/cross-only ablations and each swept t need their
+own). Per-image integer counts and AP values are appended as JSON lines, so an interrupted run resumes where it
+stopped, a finished run is never recomputed, and shards merge exactly.
+
+Output folder: config.json (what produced the numbers), results.rank{R}.jsonl, summary.json, summary.md,
+plots/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from concept_attention.segmentation.datasets import DATASETS, DatasetError, SegSample, load_dataset, resize_mask
+from concept_attention.segmentation.distributed import DistContext, init_distributed
+from concept_attention.segmentation.metrics import (
+    PooledScores, binary_paper_ap, confusion_matrix, foreground_ap, mean_iou, onehot_average_precision,
+)
+from concept_attention.segmentation.protocols import (
+    PRESETS, RESAMPLE, ProtocolError, SegProtocol, Vocabulary, get_preset, prepare_image, vocabulary,
+)
+
+
+class EvalError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the benchmark needs from a model
+
+
+class MapOutput(Protocol):
+    concept_maps: torch.Tensor                    # (r, h, w) output space
+    cross_attention_maps: torch.Tensor | None     # (r, h, w)
+    value_maps: torch.Tensor | None               # (r, h, w)
+    layer_maps: dict[str, torch.Tensor] | None    # space -> (layers, r, h, w) when per_layer
+
+
+class MapProvider(Protocol):
+    """Anything with ConceptAttentionPipeline.encode_image's signature (the real pipeline, or a test fake)."""
+
+    def encode_image(self, image, concepts: list[str], prompt: str = "", noise_timestep: int = 2,
+                     num_steps: int = 4, t: float | None = None, num_samples: int = 1, seed: int = 0,
+                     layer_indices: list[int] | None = None, softmax: bool = True, normalize: str | None = None,
+                     blur: bool = False, attention: str = "both", width: int | None = None,
+                     height: int | None = None, per_layer: bool = False, progress: bool = False) -> MapOutput: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    attention: str   # concept-stream attention of the pass: "both" | "cross" | "self" | "none"
+    space: str       # which maps: "output" | "cross_attention" | "value"
+
+
+METHODS: dict[str, Method] = {
+    "concept_attention": Method("both", "output"),
+    "cross_attention": Method("both", "cross_attention"),
+    "value_space": Method("both", "value"),
+    "ablation_cross_only": Method("cross", "output"),     # concepts attend to the image only
+    "ablation_self_only": Method("self", "output"),       # concepts attend to each other only
+    "ablation_no_attention": Method("none", "output"),    # o_c = v_c
+}
+MAP_FIELDS = {"output": "concept_maps", "cross_attention": "cross_attention_maps", "value": "value_maps"}
+DEFAULT_METHODS = ("concept_attention", "cross_attention", "value_space")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that changes the numbers (stored in config.json; a resume must match it)."""
+
+    dataset: str
+    protocol: SegProtocol
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    per_layer: bool = False                 # also score every layer alone (keys "method@layer=L")
+    sweep_t: tuple[float, ...] = ()         # also score these noise levels (keys "method@t=T")
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise EvalError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if self.per_layer and self.protocol.layers is None:
+            raise EvalError("--per-layer needs explicit --layers (the layer numbers label the curve)")
+        if any(not 0.0 <= t <= 1.0 for t in self.sweep_t):
+            raise EvalError(f"--sweep-t values must be in [0, 1], got {list(self.sweep_t)}")
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "protocol": self.protocol.to_dict(), "methods": list(self.methods),
+                "per_layer": self.per_layer, "sweep_t": list(self.sweep_t)}
+
+    def keys(self) -> list[str]:
+        """Result keys in table order: each method, then its timestep sweep, then its layers."""
+        keys = list(self.methods)
+        keys += [t_key(m, t) for m in self.methods for t in self.sweep_t]
+        if self.per_layer:
+            keys += [layer_key(m, layer) for m in self.methods for layer in self.protocol.layers]
+        return keys
+
+
+def t_key(method: str, t: float) -> str:
+    return f"{method}@t={t:g}"
+
+
+def layer_key(method: str, layer: int) -> str:
+    return f"{method}@layer={layer}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring one image
+
+
+@dataclass
+class ImageScore:
+    confusion: np.ndarray      # (C, C) int64
+    ap_paper: float
+    ap_foreground: float
+    prediction: np.ndarray     # (S, S) labels
+    soft: np.ndarray           # (S, S) object score (binary) or (K, S, S) channel scores (multiclass)
+
+    def record(self) -> dict:
+        as_json = lambda x: None if math.isnan(x) else x
+        return {"confusion": self.confusion.tolist(), "ap_paper": as_json(self.ap_paper),
+                "ap_foreground": as_json(self.ap_foreground)}
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    low, high = x.min(), x.max()
+    return (x - low) / (high - low) if high > low else np.zeros_like(x)
+
+
+def resize_maps(maps: torch.Tensor, size: int) -> np.ndarray:
+    """(r, h, w) -> (r, size, size) float64 with nearest (torch's F.interpolate convention, as the paper)."""
+    maps = maps.detach().to("cpu", torch.float64)
+    return F.interpolate(maps[None], size=(size, size), mode="nearest")[0].numpy()
+
+
+def score_maps(maps: torch.Tensor, vocab: Vocabulary, target: np.ndarray, protocol: SegProtocol,
+               num_classes: int) -> ImageScore:
+    """Predict labels from one image's concept maps and score them against `target` (eval size)."""
+    if maps.shape[0] != len(vocab.concepts):
+        raise EvalError(f"{maps.shape[0]} maps for {len(vocab.concepts)} concepts")
+    scores = resize_maps(maps, protocol.eval_size)                               # (r, S, S)
+    labels = np.asarray(vocab.labels)
+    if protocol.threshold == "mean":                                            # binary: object map > its mean
+        obj = minmax(scores[vocab.object_index])
+        prediction = (obj > obj.mean()).astype(np.int64)
+        channels, channel_labels = None, [1]
+        soft = obj if protocol.ap_minmax else scores[vocab.object_index]
+    else:
+        prediction = labels[scores.argmax(0)]
+        channel_labels = sorted(set(vocab.labels))
+        channels = np.stack([scores[labels == label].sum(0) for label in channel_labels])   # (K, S, S)
+        soft = channels
+    confusion = confusion_matrix(prediction, target, num_classes)
+    if protocol.task == "binary":
+        if channels is not None:
+            soft = channels[channel_labels.index(1)]
+            soft = minmax(soft) if protocol.ap_minmax else soft
+        return ImageScore(confusion, binary_paper_ap(soft, target), foreground_ap(soft, target), prediction, soft)
+    # multiclass: one-hot AP over the offered labels' channels; foreground AP = mean over the object classes
+    channel_of = np.full(max(256, num_classes + 1), 255, dtype=np.int64)
+    channel_of[channel_labels] = np.arange(len(channel_labels))
+    ap_paper = onehot_average_precision(channels, channel_of[target])
+    objects = [k for k, label in enumerate(channel_labels) if label != 0 or not protocol.background_concepts]
+    per_class = [foreground_ap(channels[k], target, label=channel_labels[k]) for k in objects]
+    per_class = [ap for ap in per_class if not math.isnan(ap)]
+    return ImageScore(confusion, ap_paper, float(np.mean(per_class)) if per_class else float("nan"),
+                      prediction, channels)
+
+
+def evaluate_image(provider: MapProvider, sample: SegSample, config: EvalConfig,
+                   num_classes: int) -> dict[str, ImageScore]:
+    """Every result key of `config` for one image, with one encode pass per (attention, t) configuration."""
+    protocol = config.protocol
+    target = resize_mask(sample.mask, protocol.eval_size)
+    vocab = vocabulary(sample, target, protocol)
+    image = prepare_image(sample.image, protocol)
+    wanted: dict[tuple[str, float | None], list[tuple[str, str, bool]]] = {}   # pass -> (key, method, per layer)
+    for method in config.methods:
+        wanted.setdefault((METHODS[method].attention, protocol.t), []).append((method, method, config.per_layer))
+        for t in config.sweep_t:
+            wanted.setdefault((METHODS[method].attention, t), []).append((t_key(method, t), method, False))
+    results = {}
+    for (attention, t), jobs in wanted.items():
+        per_layer = any(job[2] for job in jobs)
+        out = provider.encode_image(
+            image, vocab.concepts, prompt=vocab.prompt, noise_timestep=protocol.noise_timestep,
+            num_steps=protocol.num_steps, t=t, num_samples=protocol.num_samples, seed=protocol.seed,
+            layer_indices=list(protocol.layers) if protocol.layers is not None else None,
+            softmax=protocol.softmax, normalize=protocol.normalize, blur=protocol.blur, attention=attention,
+            width=protocol.pipeline_size, height=protocol.pipeline_size, per_layer=per_layer,
+        )
+        for key, method, with_layers in jobs:
+            space = METHODS[method].space
+            maps = getattr(out, MAP_FIELDS[space])
+            if maps is None:
+                raise EvalError(f"the map provider returned no {MAP_FIELDS[space]} (needed for {method})")
+            results[key] = score_maps(maps, vocab, target, protocol, num_classes)
+            if with_layers:
+                stack = out.layer_maps[space]                                   # (layers, r, h, w)
+                for layer, layer_maps in zip(protocol.layers, stack):
+                    results[layer_key(method, layer)] = score_maps(layer_maps, vocab, target, protocol, num_classes)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results files, resume and merge
+
+
+def results_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / f"results.rank{rank}.jsonl"
+
+
+def load_records(out_dir: Path) -> dict[int, dict]:
+    """Every finished image of every rank's file; a line cut short by an interruption is skipped."""
+    records: dict[int, dict] = {}
+    for path in sorted(out_dir.glob("results.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records.setdefault(int(record["index"]), record)
+    return records
+
+
+def summarize(records: dict[int, dict], config: EvalConfig, num_classes: int,
+              class_names: list[str]) -> dict[str, dict]:
+    """Pooled metrics per key over the given records (exact: integer counts summed in index order)."""
+    summary = {}
+    for key in config.keys():
+        pooled = PooledScores(num_classes)
+        for index in sorted(records):
+            scores = records[index]["scores"][key]
+            nan = lambda x: float("nan") if x is None else x
+            pooled.add(np.asarray(scores["confusion"]), nan(scores["ap_paper"]), nan(scores["ap_foreground"]))
+        summary[key] = pooled.summary(class_names)
+    return summary
+
+
+def markdown_table(summary: dict[str, dict], binary: bool) -> str:
+    pct = lambda x: "" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+    head = "| method | images | pixel acc. | mIoU (true) |"
+    head += " mIoU paper-compatible A/(2-A) |" if binary else ""
+    head += " mAP (paper: one-hot [1-s, s]) | mAP (foreground) |" if binary else " mAP (one-hot) | mAP (per class) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, row in summary.items():
+        cells = [key, str(row["n_images"]), pct(row["pixel_accuracy"]), pct(row["miou"])]
+        cells += [pct(row["miou_paper_compatible"])] if binary else []
+        cells += [pct(row["map_paper"]), pct(row["map_foreground"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _check_config(out_dir: Path, config: EvalConfig, overwrite: bool, ctx: DistContext) -> None:
+    path = out_dir / "config.json"
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for stale in [*out_dir.glob("results.rank*.jsonl"), out_dir / "summary.json", out_dir / "summary.md", path]:
+                stale.unlink(missing_ok=True)
+        if not path.exists():
+            path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    ctx.barrier()
+    stored = json.loads(path.read_text())
+    if stored != json.loads(json.dumps(config.to_dict())):
+        changed = sorted(k for k in stored["protocol"] if stored["protocol"][k] != config.protocol.to_dict().get(k))
+        changed += [k for k in ("dataset", "methods", "per_layer", "sweep_t") if stored[k] != config.to_dict()[k]]
+        raise EvalError(f"{out_dir} holds results of another configuration (differs in: {', '.join(changed)}); "
+                        "use another --out, or --overwrite to start again")
+
+
+def _num_classes(dataset: Sequence[SegSample], protocol: SegProtocol) -> tuple[int, list[str]]:
+    if protocol.task == "binary":
+        return 2, ["background", "object"]
+    names = getattr(dataset, "class_names", None) or dataset[0].class_names
+    return len(names), list(names)
+
+
+def evaluate(
+    dataset: Sequence[SegSample],
+    provider: MapProvider | Callable[[str], MapProvider],
+    config: EvalConfig,
+    out_dir: str | Path,
+    limit: int | None = None,
+    progress: bool = True,
+    plots: bool = True,
+    overwrite: bool = False,
+    device: str | None = None,
+    num_examples: int = 3,
+) -> dict[str, dict]:
+    """Run (or resume) the benchmark into `out_dir` and return the summary {key: metrics}.
+
+    `provider` is a map provider or a factory device -> provider, called only when there is work left.
+    Under torchrun, each rank takes every world_size-th image and rank 0 writes the summary and plots."""
+    out_dir = Path(out_dir)
+    ctx = init_distributed(device)
+    try:
+        _check_config(out_dir, config, overwrite, ctx)
+        total = len(dataset) if limit is None else min(limit, len(dataset))
+        num_classes, class_names = _num_classes(dataset, config.protocol)
+        done = load_records(out_dir)
+        was_complete = all(i in done for i in range(total))
+        todo = ctx.shard([i for i in range(total) if i not in done])
+        main_key = config.methods[0]
+        get_provider = _lazy(provider, ctx.device)
+        if todo:
+            running = PooledScores(num_classes)
+            for index in sorted(done):
+                if index < total:
+                    running.confusion += np.asarray(done[index]["scores"][main_key]["confusion"])
+            from tqdm.auto import tqdm
+
+            bar = tqdm(todo, unit="img", disable=not (progress and ctx.is_main), dynamic_ncols=True,
+                       desc=f"{config.protocol.name} rank {ctx.rank}/{ctx.world_size}")
+            with open(results_path(out_dir, ctx.rank), "a") as file:
+                for index in bar:
+                    sample = dataset[index]
+                    scores = evaluate_image(get_provider(), sample, config, num_classes)
+                    record = {"index": index, "image_id": sample.image_id,
+                              "scores": {key: scores[key].record() for key in config.keys()}}
+                    file.write(json.dumps(record) + "\n")
+                    file.flush()
+                    running.confusion += scores[main_key].confusion
+                    bar.set_postfix(mIoU=f"{100 * mean_iou(running.confusion):.2f}")
+        ctx.barrier()
+        if not ctx.is_main:
+            return {}
+        records = {i: r for i, r in load_records(out_dir).items() if i < total}
+        missing = sorted(set(range(total)) - set(records))
+        if missing:
+            raise EvalError(f"{len(missing)} images have no results (first {missing[:5]}); run again to finish them")
+        summary = summarize(records, config, num_classes, class_names)
+        _write_summary(out_dir, summary, config, total)
+        if plots:
+            from concept_attention.segmentation import plots as plotting
+
+            plotting.make_plots(out_dir, summary, config, records, dataset, get_provider, num_classes,
+                                num_examples, redo_examples=not was_complete)
+        return summary
+    finally:
+        ctx.close()
+
+
+def _lazy(provider, device: str) -> Callable[[], MapProvider]:
+    """The provider, built on first use when a factory was given (a finished run never loads the model)."""
+    if hasattr(provider, "encode_image"):
+        return lambda: provider
+    built: list[MapProvider] = []
+
+    def get() -> MapProvider:
+        if not built:
+            built.append(provider(device))
+        return built[0]
+
+    return get
+
+
+def _write_summary(out_dir: Path, summary: dict, config: EvalConfig, total: int) -> None:
+    binary = config.protocol.task == "binary"
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"config": config.to_dict(), "images": total, "results": summary}, indent=2) + "\n")
+    note = ("mIoU (true) is the mean IoU of background and object. The paper's ImageNet mIoU equals the "
+            "paper-compatible column A/(2-A) of pooled pixel accuracy A (not a true IoU).\n") if binary else ""
+    (out_dir / "summary.md").write_text(
+        f"# {config.protocol.name} on {config.dataset} ({total} images)\n\n{markdown_table(summary, binary)}\n{note}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: `concept-attention eval ...`
+
+_NONE = "none"
+
+
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A type for overrides that can also be set to None by writing 'none'."""
+    def parse(text: str):
+        return _NONE if text.lower() == _NONE else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Zero-shot segmentation benchmark (ImageNet-Segmentation, PascalVOC 2012, a folder, synthetic shapes). "
+        "Resumable: run the same command again to continue; results go to --out. Folder datasets: "
+        "DIR/images/<id>.jpg|png, DIR/masks/<id>.png (pixel = label, 255 = ignore), DIR/classes.csv "
+        "('label,name', 0 = background). Launch with torchrun --nproc_per_node N to shard over processes.")
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--data", default=None,
+                        help="gtsegs_ijcv.mat | VOCdevkit/VOC2012 | a folder | shapes: LENGTH[:SEED]")
+    parser.add_argument("--weights", type=Path, default=None, help="model folder (Flux.1 schnell for the paper)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="protocol preset (default: the dataset's: imagenet-seg -> paper-imagenet, ...)")
+    parser.add_argument("--out", type=Path, required=True, help="results folder (resumed when it exists)")
+    parser.add_argument("--methods", type=_words, default=DEFAULT_METHODS,
+                        help=f"comma list from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--per-layer", action="store_true", help="also score each layer alone (per-layer curve)")
+    parser.add_argument("--sweep-t", type=_floats, default=(), help="also score these t values, e.g. 0.25,0.5,0.75")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--device", default=None, help="default: cuda if available (torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    group = parser.add_argument_group("protocol overrides (default: the preset's values; 'none' clears a value)")
+    group.add_argument("--background-concepts", type=_words, default=None, help="comma list ('' = none)")
+    group.add_argument("--class-first", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--threshold", choices=["mean", "argmax"], default=None)
+    group.add_argument("--eval-size", type=int, default=None)
+    group.add_argument("--pipeline-size", type=_optional(int), default=None)
+    group.add_argument("--input-size", type=_optional(int), default=None)
+    group.add_argument("--input-resample", choices=sorted(RESAMPLE), default=None)
+    group.add_argument("--t", type=_optional(float), default=None)
+    group.add_argument("--noise-timestep", type=int, default=None)
+    group.add_argument("--num-steps", type=int, default=None)
+    group.add_argument("--num-samples", type=int, default=None)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--layers", type=_optional(int), nargs="+", default=None)
+    group.add_argument("--normalize", type=_optional(str), choices=["linear", _NONE], default=None)
+    group.add_argument("--softmax", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--ap-minmax", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--caption-template", default=None, help="e.g. 'a {class}', or '{caption}'")
+    group.add_argument("--caption-joiner", default=None)
+
+
+OVERRIDES = ("background_concepts", "class_first", "threshold", "eval_size", "pipeline_size", "input_size",
+             "input_resample", "t", "noise_timestep", "num_steps", "num_samples", "seed", "layers", "normalize",
+             "softmax", "blur", "ap_minmax", "caption_template", "caption_joiner")
+
+
+def protocol_from_args(args: argparse.Namespace) -> SegProtocol:
+    preset = get_preset(args.preset or DATASETS[args.dataset].preset)
+    changes = {}
+    for name in OVERRIDES:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name == "layers":
+            value = None if _NONE in value else tuple(value)
+        changes[name] = None if value == _NONE else value
+    return replace(preset, **changes)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`concept-attention eval`: returns the exit code; bad input exits with one readable line."""
+    try:
+        config = EvalConfig(args.dataset, protocol_from_args(args), tuple(args.methods), args.per_layer,
+                            tuple(args.sweep_t))
+        dataset = load_dataset(args.dataset, args.data)
+
+        def build(device: str) -> MapProvider:
+            if args.weights is None:
+                raise EvalError("pass --weights DIR (the model folder) to compute maps")
+            from concept_attention.pipeline import ConceptAttentionPipeline
+
+            return ConceptAttentionPipeline.from_folder(args.weights, device=device, dtype=DTYPES[args.dtype])
+
+        start = time.perf_counter()
+        summary = evaluate(dataset, build, config, args.out, limit=args.limit, progress=not args.no_progress,
+                           plots=not args.no_plots, overwrite=args.overwrite, device=args.device)
+    except (EvalError, ProtocolError, DatasetError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if summary:
+        print((Path(args.out) / "summary.md").read_text())
+        print(f"wrote {args.out}/summary.md, summary.json in {time.perf_counter() - start:.0f} s")
+    return 0
