@@ -1,0 +1,123 @@
+"""Text encoders on the tiny offline fixtures: tokenizer settings of spec §5.1, outputs, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from flux_mini.text_encoders import CLIPEmbedder, MissingFilesError, T5Embedder
+from flux_mini.tiny import TINY_WORDS, build_tiny_clip, build_tiny_t5
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoders")
+    return build_tiny_t5(root / "t5", seed=1), build_tiny_clip(root / "clip", seed=2)
+
+
+@pytest.fixture(scope="module")
+def t5(folders):
+    return T5Embedder(folders[0], max_length=16, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def clip(folders):
+    return CLIPEmbedder(folders[1], dtype=torch.float32)
+
+
+def test_t5_ids_layout(t5, folders):
+    """SentencePiece tokens (read with sentencepiece itself), then </s> = 1, then pad = 0 up to max_length."""
+    sp = spm.SentencePieceProcessor(model_file=str(folders[0] / "spiece.model"))
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2)
+    prompts = ["a photo of a cat", "zebra in the snow!"]
+    ids, mask = t5.tokenize(prompts)
+    assert ids.shape == mask.shape == (2, 16) and ids.dtype == torch.int64
+    for row, m, prompt in zip(ids.tolist(), mask.tolist(), prompts):
+        pieces = sp.encode(prompt)
+        assert row == pieces + [1] + [0] * (16 - len(pieces) - 1)
+        assert m == [1] * (len(pieces) + 1) + [0] * (16 - len(pieces) - 1)
+    assert sp.encode("a photo of a cat", out_type=str) == ["▁a", "▁photo", "▁of", "▁a", "▁cat"]  # whole words
+
+
+def test_t5_truncates_to_max_length_with_end_token(t5):
+    ids, mask = t5.tokenize(" ".join(TINY_WORDS))
+    assert ids.shape == (1, 16) and ids[0, -1] == 1 and (ids[0, :-1] > 2).all() and mask.all()
+
+
+def test_t5_output_is_unmasked_last_hidden_state(t5):
+    txt = t5(["a cat", "a big red house on the beach"])
+    assert txt.shape == (2, 16, 48) and txt.dtype == torch.float32
+    ids, mask = t5.tokenize(["a cat", "a big red house on the beach"])
+    with torch.no_grad():
+        unmasked = t5.model(input_ids=ids).last_hidden_state
+        masked = t5.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(txt, unmasked, rtol=0, atol=0)
+    assert (txt - masked).abs().max() > 1e-3  # pads are attended to, as in the reference
+
+
+def test_clip_ids_layout(clip, folders):
+    """<|startoftext|>, one BPE token per known word (lower-cased), <|endoftext|>, padded with <|endoftext|>."""
+    vocab = json.loads((folders[1] / "vocab.json").read_text())
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    assert eos == max(vocab.values())  # the legacy argmax(ids) pooling finds the end token
+    ids, mask = clip.tokenize(["A Photo of a CAT", "red  sky"])
+    assert ids.shape == (2, 77)
+    words = [vocab[w + "</w>"] for w in ["a", "photo", "of", "a", "cat"]]
+    assert ids[0].tolist() == [bos, *words, eos] + [eos] * (77 - 7)
+    assert ids[1].tolist()[:4] == [bos, vocab["red</w>"], vocab["sky</w>"], eos]
+    assert mask[0].tolist() == [1] * 7 + [0] * 70
+
+
+def test_clip_pools_final_normed_state_at_first_end_token(clip):
+    prompts = ["a photo of a cat", "a big red house on the beach near the sea"]
+    y = clip(prompts)
+    assert y.shape == (2, 32)
+    ids, _ = clip.tokenize(prompts)
+    eos = clip.model.config.eos_token_id
+    with torch.no_grad():
+        out = clip.model(input_ids=ids, output_hidden_states=True)
+        final_norm = getattr(clip.model, "text_model", clip.model).final_layer_norm  # transformers 4 / 5
+        normed = final_norm(out.hidden_states[-1])
+    for b, row in enumerate(ids.tolist()):
+        position = row.index(eos)
+        torch.testing.assert_close(y[b], normed[b, position], rtol=1e-6, atol=1e-6)
+        assert (y[b] - normed[b, position + 1]).abs().max() > 1e-4  # a later pad token would differ
+
+
+def test_tiny_encoders_are_deterministic(folders, tmp_path):
+    t5_again, clip_again = build_tiny_t5(tmp_path / "t5", seed=1), build_tiny_clip(tmp_path / "clip", seed=2)
+    for new, old in zip((t5_again, clip_again), folders):
+        for name in ("model.safetensors", "tokenizer.json"):
+            assert (new / name).read_bytes() == (old / name).read_bytes(), name
+    other = build_tiny_clip(tmp_path / "clip3", seed=3)
+    assert (other / "model.safetensors").read_bytes() != (folders[1] / "model.safetensors").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_missing_tokenizer_file_is_named(folders, tmp_path):
+    broken = shutil.copytree(folders[0], tmp_path / "t5")
+    (broken / "spiece.model").unlink()
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(MissingFilesError, match="spiece.model") as err:
+        T5Embedder(broken, max_length=8, dtype=torch.float32)
+    assert isinstance(err.value, FileNotFoundError) and "T5 tokenizer" in str(err.value)
+
+    broken = shutil.copytree(folders[1], tmp_path / "clip")
+    (broken / "merges.txt").unlink()
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(MissingFilesError, match="merges.txt"):
+        CLIPEmbedder(broken, dtype=torch.float32)
+
+
+def test_missing_weights_and_folder_are_named(folders, tmp_path):
+    broken = shutil.copytree(folders[1], tmp_path / "clip")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(MissingFilesError, match="model.safetensors"):
+        CLIPEmbedder(broken, dtype=torch.float32)
+    with pytest.raises(MissingFilesError, match="does not exist"):
+        T5Embedder(tmp_path / "nowhere", max_length=8)
