@@ -78,7 +78,8 @@ class MapAccumulator:
 
     def add(self, layer: LayerOutput, step: int | None = None) -> None:
         for space in self.spaces:
-            maps = layer_maps(layer, space, self.softmax, self.normalize).float()
+            maps = layer_maps(layer, space, self.softmax, self.normalize)
+            maps = maps.to(torch.promote_types(maps.dtype, torch.float32))  # accumulate bf16 maps in float32
             self.sums[space] = self.sums[space] + maps if space in self.sums else maps
             if self.per_layer:
                 sums = self.layer_sums.setdefault(space, {})
@@ -200,11 +201,6 @@ def check_concept_txt(model: Flux, concept_txt: Tensor, batch: int) -> None:
         raise ValueError(f"concept_txt must be (B, r, context_in_dim) = {expected}, got {tuple(concept_txt.shape)}")
     if concept_txt.shape[1] == 0:
         raise ValueError("concept_txt holds no concepts: pass at least one concept")
-
-
-def to_grid(maps: Tensor, height: int, width: int) -> Tensor:
-    """(B, r, N) -> (B, r, height, width) in row-major token order."""
-    return rearrange(maps, "b r (h w) -> b r h w", h=height, w=width)
 
 
 def gaussian_blur3x3(maps: Tensor, sigma: float = 1.0) -> Tensor:

@@ -92,11 +92,13 @@ PRESETS: dict[str, FluxConfig] = {
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (or a guidance value): (B,) -> (B, dim), cosines first.
 
-    `time_factor * t` is computed in t's dtype, as the reference does (it matters in bf16)."""
+    `time_factor * t` is computed in t's dtype, as the reference does (it matters in bf16); the angles
+    in float32 (float64 for a float64 t)."""
     t = time_factor * t
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
+    precision = upcast(t.dtype) if torch.is_floating_point(t) else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=precision, device=t.device) / half)
+    args = t[:, None].to(precision) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -116,9 +118,10 @@ class MLPEmbedder(nn.Module):
 
 
 class RoPE(nn.Module):
-    """N-axis rotary embedding: ids (B, L, n_axes) -> (cos, sin), each (B, 1, L, Dh), float32.
+    """N-axis rotary embedding: ids (B, L, n_axes) -> (cos, sin), each (B, 1, L, Dh), at least float32.
 
-    Each axis rotates its own slice of the head dims, in interleaved pairs (2p, 2p+1)."""
+    Each axis rotates its own slice of the head dims, in interleaved pairs (2p, 2p+1). Angles are
+    formed in float64 so that positions of large grids stay exact."""
 
     def __init__(self, axes_dim: tuple[int, ...], theta: int):
         super().__init__()
@@ -129,15 +132,21 @@ class RoPE(nn.Module):
         angles = []
         for axis, dim in enumerate(self.axes_dim):
             omega = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
-            angles.append(ids[..., axis, None].float() * omega.float())  # (B, L, dim/2)
+            angles.append(ids[..., axis, None].double() * omega)  # (B, L, dim/2)
         angle = repeat(torch.cat(angles, dim=-1), "b l p -> b 1 l (p two)", two=2)
-        return angle.cos(), angle.sin()
+        dtype = upcast(ids.dtype)
+        return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def upcast(dtype: torch.dtype) -> torch.dtype:
+    """The precision for norms and rotations: float32, or float64 when the model runs in float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate each pair (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1), in float32; x: (B, H, L, Dh)."""
+    """Rotate each pair (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1) in float32 (or higher); x: (B, H, L, Dh)."""
     cos, sin = pe
-    xf = x.float()
+    xf = x.to(upcast(x.dtype))
     pairs = rearrange(xf, "... (p two) -> ... p two", two=2)
     swapped = rearrange(torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1), "... p two -> ... (p two)")
     return (xf * cos + swapped * sin).to(x.dtype)
@@ -155,7 +164,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
+        return F.rms_norm(x.to(upcast(x.dtype)), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
 
 
 class QKNorm(nn.Module):

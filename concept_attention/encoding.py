@@ -1,0 +1,54 @@
+"""Concept words -> concept embeddings in T5 space, one concept at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from flux_mini.text_encoders import T5Embedder
+
+ENCODINGS = ("first_token", "mean")
+
+
+def check_concepts(concepts: Sequence[str]) -> list[str]:
+    """Concepts must be a non-empty list of distinct, non-blank strings (duplicates would split the
+    softmax mass between identical rows)."""
+    if isinstance(concepts, str):
+        raise ValueError(f"concepts must be a list of strings, got the single string {concepts!r}: wrap it in a list")
+    concepts = list(concepts)
+    if not concepts:
+        raise ValueError("no concepts given: pass at least one concept word, e.g. ['cat', 'sky']")
+    blank = [c for c in concepts if not isinstance(c, str) or not c.strip()]
+    if blank:
+        raise ValueError(f"concepts must be non-empty strings, got {blank!r}")
+    seen, duplicates = set(), []
+    for concept in concepts:
+        key = concept.strip().lower()
+        if key in seen:
+            duplicates.append(concept)
+        seen.add(key)
+    if duplicates:
+        raise ValueError(f"duplicate concepts {duplicates!r}: each concept may appear once")
+    return [c.strip() for c in concepts]
+
+
+@torch.no_grad()
+def encode_concepts(t5: T5Embedder, concepts: Sequence[str], encoding: str = "first_token") -> Tensor:
+    """Each concept through T5 on its own -> (r, d_model).
+
+    `first_token` (the authors'): the first output token of the concept padded to the prompt length,
+    no attention mask (so the vector depends on that length, as in their code). `mean`: the mean over
+    the concept's own tokens (end and pad tokens excluded) with a proper attention mask, which keeps
+    all of a multi-piece word."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"concept encoding must be one of {ENCODINGS}, got {encoding!r}")
+    input_ids, mask = t5.tokenize(check_concepts(concepts))  # (r, max_length) each
+    if encoding == "first_token":
+        return t5.model(input_ids=input_ids, attention_mask=None).last_hidden_state[:, 0]
+    hidden = t5.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (r, max_length, d)
+    own = (mask.bool() & (input_ids != t5.tokenizer.eos_token_id)).to(hidden.dtype)  # (r, max_length)
+    if (own.sum(dim=1) == 0).any():
+        raise ValueError(f"a concept in {list(concepts)!r} has no tokens of its own after tokenisation")
+    return torch.einsum("rld,rl->rd", hidden, own) / own.sum(dim=1, keepdim=True)
