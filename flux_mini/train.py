@@ -1,0 +1,261 @@
+"""Rectified-flow training for any FluxConfig: small, readable and resumable.
+
+The objective is the one the Euler sampler integrates (`img <- img + (t_prev - t_curr) * pred`):
+
+    x_t = (1 - t) * x0 + t * noise,      target v = noise - x0,      t ~ logit-normal.
+
+Latents are packed into 2x2 patches exactly as at sampling time, so a pixel-space model trained here
+(identity autoencoder, in_channels = 4 * 3 = 12) loads into the normal pipeline. Text conditioning
+arrives precomputed (frozen encoders), so this loop never runs T5 or CLIP.
+
+Everything random (timesteps, noise, caption dropout) comes from one generator whose state is saved
+with the model, the EMA and the optimizer: resuming from a checkpoint continues bit-identically as
+long as the data source is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flux_mini.loading import save_flux
+from flux_mini.model import Flux, FluxConfig
+from flux_mini.sampling import image_ids, pack, text_ids
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and conditioning hyperparameters."""
+
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # fraction of samples trained on the empty prompt (classifier-free guidance)
+    zero_y_prob: float = 0.5  # fraction trained with pooled vector y = 0, the concept stream's convention
+    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
+    logit_std: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("caption_dropout", "zero_y_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size} and {self.lr}")
+
+
+@dataclass
+class Batch:
+    """Clean latents and their frozen text conditioning."""
+
+    latents: Tensor  # (B, C, h, w), h and w even; pixels in [-1, 1] for pixel-space models
+    txt: Tensor  # (B, T, context_in_dim)  T5 states of the captions
+    y: Tensor  # (B, vec_in_dim)          pooled CLIP vectors
+
+
+@dataclass
+class Conditioning:
+    """What a dropped caption is replaced by: the encoders' output for the empty prompt."""
+
+    null_txt: Tensor  # (1, T, context_in_dim)
+    null_y: Tensor  # (1, vec_in_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective
+
+
+def sample_timesteps(n: int, mean: float, std: float, generator: torch.Generator) -> Tensor:
+    """Logit-normal t in (0, 1), (n,): most samples at mid noise, where the velocity is hardest to predict."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
+def flow_pair(x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """The noisy input x_t and the velocity target noise - x0; t (B,) broadcasts over the rest."""
+    t = t.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - t) * x0 + t * noise, noise - x0
+
+
+def drop_conditioning(batch: Batch, null: Conditioning, config: TrainConfig, generator: torch.Generator) -> Batch:
+    """Replace whole captions by the empty prompt (caption_dropout), then zero y (zero_y_prob), per sample."""
+    b = batch.latents.shape[0]
+    drop = torch.rand(b, generator=generator) < config.caption_dropout
+    zero_y = torch.rand(b, generator=generator) < config.zero_y_prob
+    txt = torch.where(drop[:, None, None], null.null_txt.to(batch.txt), batch.txt)
+    y = torch.where(drop[:, None], null.null_y.to(batch.y), batch.y)
+    y = torch.where(zero_y[:, None], torch.zeros_like(y), y)
+    return Batch(batch.latents, txt, y)
+
+
+def flow_loss(model: Flux, batch: Batch, t: Tensor, noise: Tensor) -> Tensor:
+    """Mean squared velocity error of `model` on a batch at timesteps t (B,) with noise like the latents."""
+    _, _, h, w = batch.latents.shape
+    b = batch.latents.shape[0]
+    x_t, target = flow_pair(batch.latents, noise, t)
+    pred = model(
+        img=pack(x_t),
+        img_ids=image_ids(b, h // 2, w // 2, device=x_t.device),
+        txt=batch.txt,
+        txt_ids=text_ids(b, batch.txt.shape[1], device=x_t.device),
+        timesteps=t.to(x_t.dtype),
+        y=batch.y,
+    )
+    return torch.nn.functional.mse_loss(pred, pack(target))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class Trainer:
+    """Model, EMA copy, AdamW and the random state; `step` counts completed optimiser steps."""
+
+    model: Flux
+    config: TrainConfig
+    null: Conditioning
+    step: int = 0
+    ema: Flux = field(init=False)
+    optimizer: torch.optim.AdamW = field(init=False)
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.config.lr, betas=self.config.betas, weight_decay=self.config.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then constant: no schedule state to save, and training can always go on."""
+        return self.config.lr * min(1.0, (step + 1) / max(1, self.config.warmup_steps))
+
+    def train_step(self, batch: Batch) -> float:
+        """One optimiser step on `batch`; returns the loss before the update."""
+        cfg = self.config
+        batch = drop_conditioning(batch, self.null, cfg, self.generator)
+        t = sample_timesteps(batch.latents.shape[0], cfg.logit_mean, cfg.logit_std, self.generator)
+        noise = torch.randn(batch.latents.shape, generator=self.generator).to(batch.latents)
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        loss = flow_loss(self.model, batch, t, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.update_ema()
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- d * ema + (1 - d) * model, with d ramped up early so the EMA is not stuck at the init."""
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+
+    def fit(
+        self,
+        data: Callable[[int], Batch],
+        until: int,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 500,
+        on_checkpoint: Callable[[Trainer], None] | None = None,
+        progress: bool = True,
+    ) -> list[float]:
+        """Train from `self.step` to step `until`; batch i is `data(i)`. Saves (and calls on_checkpoint)
+        every `checkpoint_every` steps and at the end. Returns the losses of the steps run."""
+        losses: list[float] = []
+        bar = tqdm(range(self.step, until), initial=self.step, total=until, disable=not progress, desc="training")
+        for _ in bar:
+            losses.append(self.train_step(data(self.step)))
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{self.lr_at(self.step):.1e}")
+            if checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == until):
+                self.save(checkpoint)
+                if on_checkpoint is not None:
+                    on_checkpoint(self)
+        return losses
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "train_config": asdict(self.config),
+            "flux_config": self.model.config.to_dict(),
+            "null_txt": self.null.null_txt,
+            "null_y": self.null.null_y,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temporary file, then rename): a crash never leaves half a checkpoint."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def resume(cls, path: str | Path, config: TrainConfig | None = None) -> Trainer:
+        """Rebuild a trainer from `save`; `config` overrides the saved one (e.g. a new lr) when given."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no training checkpoint at {path}; start a new run instead of resuming")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["train_config"]
+        config = config or TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
+        model = Flux(FluxConfig(**state["flux_config"]))
+        model.load_state_dict(state["model"])
+        trainer = cls(model, config, Conditioning(state["null_txt"], state["null_y"]), step=state["step"])
+        trainer.ema.load_state_dict(state["ema"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.generator.set_state(state["generator"])
+        return trainer
+
+
+def export_transformer(model: Flux, folder: str | Path, name: str = "flux1-demo", dtype: torch.dtype = torch.float32) -> Path:
+    """Write `{name}.safetensors` (official BFL keys, config in the metadata) and `flux_config.json`.
+
+    The rest of a pipeline folder (autoencoder, t5/, clip/) belongs to the caller."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = copy.deepcopy(model).to(dtype)
+    path = folder / f"{name}.safetensors"
+    save_flux(weights, path)
+    (folder / "flux_config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    return path
+
+
+@torch.no_grad()
+def zero_init_modulation_(model: Flux) -> Flux:
+    """adaLN-Zero (Peebles & Xie, DiT): zero every modulation output layer and the final projection, so
+    each block starts as the identity and the velocity as 0; trains faster and more stably from scratch."""
+    for name, module in model.named_modules():
+        if name.endswith(("_mod.lin", "modulation.lin", "adaLN_modulation.1", "final_layer.linear")):
+            module.weight.zero_()
+            module.bias.zero_()
+    return model
+
+
+def parameter_count(model: torch.nn.Module) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
