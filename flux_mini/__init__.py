@@ -1,5 +1,17 @@
-"""flux_mini: a small, exact PyTorch implementation of the Flux.1 transformer and its pipeline."""
+"""flux_mini: a small, exact PyTorch implementation of Flux.1: transformer, autoencoder, sampling."""
 
+from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder, load_autoencoder
+from flux_mini.loading import load_flux
 from flux_mini.model import Flux, FluxConfig
+from flux_mini.pipeline import FluxPipeline
 
-__all__ = ["Flux", "FluxConfig"]
+__all__ = [
+    "AutoEncoder",
+    "AutoEncoderConfig",
+    "Flux",
+    "FluxConfig",
+    "FluxPipeline",
+    "IdentityAutoEncoder",
+    "load_autoencoder",
+    "load_flux",
+]
