@@ -38,16 +38,14 @@ class AutoEncoderConfig:
     shift_factor: float = 0.1159
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
-        if not self.ch_mult or self.num_res_blocks < 1:
-            raise ValueError(f"need at least one level and one resnet block, got ch_mult {list(self.ch_mult)}, "
-                             f"num_res_blocks {self.num_res_blocks}")
-        bad = [w for w in (self.ch, *self.level_widths) if w % 32]
-        if bad:
+        if not self.ch_mult or any(int(m) != m or m < 1 for m in self.ch_mult) or self.num_res_blocks < 1:
             raise ValueError(
-                f"GroupNorm uses 32 groups, so ch and every ch * ch_mult must be multiples of 32; got widths "
-                f"{[self.ch, *self.level_widths]} (ch {self.ch}, ch_mult {list(self.ch_mult)})"
+                f"ch_mult must be positive integers (one per level) and num_res_blocks >= 1, got ch_mult "
+                f"{list(self.ch_mult)}, num_res_blocks {self.num_res_blocks}"
             )
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        if self.ch % 32:  # then every level width ch * m is a multiple of 32 too
+            raise ValueError(f"GroupNorm uses 32 groups, so ch must be a multiple of 32, got ch {self.ch}")
 
     @classmethod
     def official(cls) -> AutoEncoderConfig:
@@ -281,9 +279,11 @@ class IdentityAutoEncoder(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; write it with IdentityAutoEncoder(channels).save_json()")
         try:
-            return cls(channels=int(json.loads(path.read_text())["channels"]))
+            channels = int(json.loads(path.read_text())["channels"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise ValueError(f'{path} is not an identity-autoencoder config; expected JSON like {{"channels": 3}}') from None
+            message = f'{path} is not an identity-autoencoder config; expected JSON like {{"channels": 3}}'
+            raise ValueError(message) from None
+        return cls(channels)
 
 
 def _check_image(x: Tensor, channels: int, name: str) -> None:
@@ -362,7 +362,11 @@ def diffusers_to_bfl(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 # Loading
 
 
-def infer_config(tensors: dict[str, Tensor], scale_factor: float = 0.3611, shift_factor: float = 0.1159) -> AutoEncoderConfig:
+def infer_config(
+    tensors: dict[str, Tensor],
+    scale_factor: float = AutoEncoderConfig.scale_factor,
+    shift_factor: float = AutoEncoderConfig.shift_factor,
+) -> AutoEncoderConfig:
     """The config a BFL-layout AE state dict was built with, from its shapes alone."""
     try:
         conv_in = tensors["encoder.conv_in.weight"].shape  # (ch, in_channels, 3, 3)
@@ -392,7 +396,16 @@ def infer_config(tensors: dict[str, Tensor], scale_factor: float = 0.3611, shift
 
 _BFL_MARKER = "encoder.down.0.block.0.conv1.weight"
 _DIFFUSERS_MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"
-_TRANSFORMER_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "transformer_blocks.0.attn.to_q.weight", "x_embedder.weight")
+_TRANSFORMER_MARKERS = (  # BFL and diffusers layouts (spec §6.4)
+    "double_blocks.0.img_attn.norm.key_norm.scale",
+    "transformer_blocks.0.attn.to_q.weight",
+    "x_embedder.weight",
+)
+
+
+def _prefix_of(tensors: dict[str, Tensor], marker: str) -> str | None:
+    """The prefix under which `marker` is stored ("" at top level, e.g. "vae." in all-in-one files)."""
+    return next((name[: -len(marker)] for name in tensors if name.endswith(marker)), None)
 
 
 def _resolve(path: Path) -> Path:
@@ -405,9 +418,9 @@ def _resolve(path: Path) -> Path:
 
 
 def _diffusers_factors(path: Path) -> dict[str, float]:
-    """scale/shift from a diffusers vae/config.json next to the weights, when it has them."""
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
-    if not config_file.is_file():
+    """scale/shift from the config.json of a diffusers vae/ folder, when it has them."""
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.is_file():
         return {}
     try:
         config = json.loads(config_file.read_text())
@@ -431,15 +444,12 @@ def load_autoencoder(
     path = _resolve(Path(path))
     tensors = read_safetensors(path)
     factors: dict[str, float] = {}
-    prefix = next((n[: -len(_BFL_MARKER)] for n in tensors if n.endswith(_BFL_MARKER)), None)
-    if prefix is not None:
-        tensors = strip_prefix(tensors, prefix)
-        layout = "BFL" + (f" (prefix {prefix!r})" if prefix else "")
-    elif (prefix := next((n[: -len(_DIFFUSERS_MARKER)] for n in tensors if n.endswith(_DIFFUSERS_MARKER)), None)) is not None:
-        tensors = diffusers_to_bfl(strip_prefix(tensors, prefix))
+    if (prefix := _prefix_of(tensors, _BFL_MARKER)) is not None:
+        tensors, layout = strip_prefix(tensors, prefix), "BFL"
+    elif (prefix := _prefix_of(tensors, _DIFFUSERS_MARKER)) is not None:
+        tensors, layout = diffusers_to_bfl(strip_prefix(tensors, prefix)), "diffusers"
         factors = _diffusers_factors(path)
-        layout = "diffusers" + (f" (prefix {prefix!r})" if prefix else "")
-    elif any(n.endswith(marker) for n in tensors for marker in _TRANSFORMER_MARKERS):
+    elif any(_prefix_of(tensors, marker) is not None for marker in _TRANSFORMER_MARKERS):
         raise CheckpointError(
             f"{path} is a Flux transformer checkpoint, not an autoencoder; pass the AE file "
             "(ae.safetensors, or the vae/ folder of a diffusers repo)"
@@ -449,6 +459,7 @@ def load_autoencoder(
             f"{path} is not a Flux autoencoder: it has neither {_BFL_MARKER!r} (BFL layout) nor "
             f"{_DIFFUSERS_MARKER!r} (diffusers layout); its first tensors are {sorted(tensors)[:3]}"
         )
+    layout += f" AE layout, prefix {prefix!r}" if prefix else " AE layout"
     if any(n.startswith(("quant_conv.", "post_quant_conv.")) for n in tensors):
         raise CheckpointError(
             f"{path} has quant_conv/post_quant_conv tensors: it is a Stable Diffusion-style VAE, not the Flux AE"
@@ -457,5 +468,5 @@ def load_autoencoder(
         config = infer_config(tensors, **factors)
     with torch.device("meta"):
         model = AutoEncoder(config)
-    load_strict(model, tensors, dtype=dtype, device=device, description=f"{path} ({layout} AE layout)")
+    load_strict(model, tensors, dtype=dtype, device=device, description=f"{path} ({layout})")
     return model.eval()
