@@ -1,0 +1,165 @@
+"""The rectified-flow trainer: objective and sign conventions, learning, exact resume, export layout."""
+
+import json
+
+import pytest
+import torch
+
+from flux_mini.loading import load_flux
+from flux_mini.model import Flux
+from flux_mini.sampling import euler_step, image_ids, pack, text_ids
+from flux_mini.tiny import randomize_, tiny_flux_config
+from flux_mini.train import (
+    Batch,
+    Conditioning,
+    Trainer,
+    TrainConfig,
+    drop_conditioning,
+    export_transformer,
+    flow_loss,
+    flow_pair,
+    sample_timesteps,
+    zero_init_modulation_,
+)
+
+torch.set_num_threads(1)
+CONFIG = tiny_flux_config(in_channels=12, out_channels=12, hidden_size=32, num_heads=2, axes_dim=(4, 6, 6), depth=1)
+
+
+def fixed_batch(b: int = 4, seed: int = 0) -> Batch:
+    """Structured 8x8 RGB images (a bright square on a dark field) with random text conditioning."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.full((b, 3, 8, 8), -0.8)
+    for i in range(b):
+        r, c = torch.randint(0, 5, (2,), generator=g).tolist()
+        latents[i, :, r : r + 4, c : c + 4] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+    txt = torch.randn(b, 5, CONFIG.context_in_dim, generator=g)
+    y = torch.randn(b, CONFIG.vec_in_dim, generator=g)
+    return Batch(latents, txt, y)
+
+
+def null_conditioning() -> Conditioning:
+    g = torch.Generator().manual_seed(99)
+    return Conditioning(torch.randn(1, 5, CONFIG.context_in_dim, generator=g), torch.randn(1, CONFIG.vec_in_dim, generator=g))
+
+
+def new_trainer(**overrides) -> Trainer:
+    torch.manual_seed(0)
+    config = TrainConfig(**{"batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "ema_decay": 0.9, **overrides})
+    return Trainer(zero_init_modulation_(Flux(CONFIG)), config, null_conditioning())
+
+
+def test_flow_pair_is_the_straight_path_the_euler_sampler_integrates():
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    x_t, v = flow_pair(x0, noise, t)
+    for i, ti in enumerate(t.tolist()):
+        assert torch.allclose(x_t[i], (1 - ti) * x0[i] + ti * noise[i])
+        assert torch.equal(v[i], noise[i] - x0[i])
+        # integrating the exact velocity from t to 0 (and to 1) with the sampler's step lands on the data (noise)
+        assert torch.allclose(euler_step(x_t[i], v[i], ti, 0.0), x0[i])
+        assert torch.allclose(euler_step(x_t[i], v[i], ti, 1.0), noise[i])
+
+
+def test_logit_normal_timesteps():
+    t = sample_timesteps(20_000, 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert t.min() > 0 and t.max() < 1
+    assert abs(t.median().item() - 0.5) < 0.02
+    logits = torch.log(t / (1 - t))
+    assert abs(logits.std().item() - 1.0) < 0.03
+    shifted = sample_timesteps(20_000, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert abs(torch.log(shifted / (1 - shifted)).mean().item() - 1.0) < 0.03
+
+
+def test_caption_dropout_and_zero_y():
+    batch, null = fixed_batch(8), null_conditioning()
+    g = torch.Generator().manual_seed(0)
+    dropped = drop_conditioning(batch, null, TrainConfig(caption_dropout=1.0, zero_y_prob=0.0), g)
+    assert torch.equal(dropped.txt, null.null_txt.expand(8, -1, -1)) and torch.equal(dropped.y, null.null_y.expand(8, -1))
+    zeroed = drop_conditioning(batch, null, TrainConfig(caption_dropout=0.0, zero_y_prob=1.0), g)
+    assert torch.equal(zeroed.txt, batch.txt) and not zeroed.y.any()
+    kept = drop_conditioning(batch, null, TrainConfig(caption_dropout=0.0, zero_y_prob=0.0), g)
+    assert torch.equal(kept.txt, batch.txt) and torch.equal(kept.y, batch.y)
+    mixed = drop_conditioning(fixed_batch(400), null, TrainConfig(caption_dropout=0.25, zero_y_prob=0.5), g)
+    dropped_rows = (mixed.txt == null.null_txt).flatten(1).all(dim=1).float().mean().item()
+    zero_rows = (mixed.y == 0).all(dim=1).float().mean().item()
+    assert 0.17 < dropped_rows < 0.33 and 0.42 < zero_rows < 0.58
+
+
+def test_zero_init_predicts_zero_velocity():
+    model = zero_init_modulation_(randomize_(Flux(CONFIG), seed=3))
+    batch = fixed_batch()
+    x_t = pack(batch.latents)
+    out = model(x_t, image_ids(4, 4, 4), batch.txt, text_ids(4, 5), torch.full((4,), 0.5), batch.y)
+    assert out.shape == x_t.shape and not out.any()
+
+
+def held_out_loss(model: Flux) -> float:
+    g = torch.Generator().manual_seed(123)
+    batch = fixed_batch()
+    t = sample_timesteps(4, 0.0, 1.0, g).repeat(8)
+    batch8 = Batch(batch.latents.repeat(8, 1, 1, 1), batch.txt.repeat(8, 1, 1), batch.y.repeat(8, 1))
+    with torch.no_grad():
+        return flow_loss(model, batch8, t, torch.randn(batch8.latents.shape, generator=g)).item()
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch():
+    trainer = new_trainer(caption_dropout=0.0)
+    before = held_out_loss(trainer.model)
+    losses = trainer.fit(lambda step: fixed_batch(), until=60, progress=False)
+    assert len(losses) == 60 and trainer.step == 60
+    after = held_out_loss(trainer.model)
+    assert after < 0.6 * before, (before, after)
+    assert held_out_loss(trainer.ema) < before  # the EMA follows
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = lambda step: fixed_batch(seed=step)  # noqa: E731  a pure function of the step
+    path = tmp_path / "run" / "checkpoint.pt"
+    straight = new_trainer()
+    straight.fit(data, until=3, checkpoint=path, checkpoint_every=3, progress=False)
+    assert path.exists() and not path.with_suffix(".pt.tmp").exists()
+    expected_loss = straight.train_step(data(3))
+
+    resumed = Trainer.resume(path)
+    assert resumed.step == 3 and resumed.config == straight.config
+    assert resumed.train_step(data(3)) == expected_loss
+    for name in ("model", "ema"):
+        a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # and the random stream continues identically: one more step agrees too
+    assert straight.train_step(data(4)) == resumed.train_step(data(4))
+
+
+def test_resume_reports_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        Trainer.resume(tmp_path / "missing.pt")
+
+
+def test_export_is_the_official_layout_and_loads_strictly(tmp_path):
+    trainer = new_trainer()
+    trainer.fit(lambda step: fixed_batch(seed=step), until=2, progress=False)
+    path = export_transformer(trainer.ema, tmp_path, "flux1-demo")
+    assert path.name == "flux1-demo.safetensors"
+    assert json.loads((tmp_path / "flux_config.json").read_text()) == CONFIG.to_dict()
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    official = {  # names from the BFL reference (flux/model.py), spelled out independently of our model
+        "img_in.weight", "time_in.in_layer.weight", "vector_in.out_layer.bias", "txt_in.weight",
+        "double_blocks.0.img_mod.lin.weight", "double_blocks.0.img_attn.qkv.weight",
+        "double_blocks.0.img_attn.norm.query_norm.scale", "double_blocks.0.txt_attn.proj.bias",
+        "double_blocks.0.txt_mlp.2.weight", "single_blocks.1.linear1.weight", "single_blocks.1.norm.key_norm.scale",
+        "single_blocks.0.modulation.lin.bias", "final_layer.adaLN_modulation.1.weight", "final_layer.linear.bias",
+    }
+    assert official <= keys
+    assert all(k.split(".")[0] in {"img_in", "time_in", "vector_in", "txt_in", "double_blocks", "single_blocks", "final_layer"} for k in keys)
+
+    loaded = load_flux(path)  # strict: any missing or unexpected key raises
+    assert loaded.config == CONFIG
+    ema = trainer.ema.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in loaded.state_dict().items())
+    assert not all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in loaded.state_dict().items())
