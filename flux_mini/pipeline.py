@@ -186,12 +186,18 @@ class FluxPipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.offload = offload and self.device.type != "cpu"
-        expected = 4 * autoencoder.z_channels
-        if model.config.in_channels != expected:
-            raise ValueError(
-                f"the transformer takes {model.config.in_channels} input features per token, but the autoencoder "
-                f"has {autoencoder.z_channels} latent channels (2x2 packed: {expected}); they do not belong together"
-            )
+        widths = {
+            "in_channels (4 x the autoencoder's latent channels)": (model.config.in_channels, 4 * autoencoder.z_channels),
+            "context_in_dim (the T5 width)": (model.config.context_in_dim, t5.model.config.d_model),
+            "vec_in_dim (the CLIP width)": (model.config.vec_in_dim, clip.model.config.hidden_size),
+        }
+        for name, (wanted, given) in widths.items():
+            if wanted != given:
+                raise ValueError(
+                    f"the components do not belong together: the transformer's {name} is {wanted}, but the "
+                    f"component gives {given}. (Fill/Canny/Depth transformers take extra image inputs and "
+                    "are not text-to-image models.)"
+                )
 
     @property
     def is_schnell(self) -> bool:

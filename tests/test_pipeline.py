@@ -209,6 +209,17 @@ def test_missing_components_are_named(schnell_folder, tmp_path):
         FluxPipeline.from_folder(tmp_path)
 
 
+def test_mismatched_components_are_named(schnell_folder, tmp_path):
+    folder = shutil.copytree(schnell_folder, tmp_path / "model")
+    (folder / "ae.safetensors").unlink()
+    (folder / "identity-autoencoder.json").write_text('{"channels": 3}')
+    with pytest.raises(ValueError, match=r"do not belong together.*in_channels.* is 16, but the component gives 12"):
+        FluxPipeline.from_folder(folder)
+    (folder / "sampling.json").write_text('{"t5_length": 8}')
+    with pytest.raises(ValueError, match=r"unknown keys \['t5_length'\]"):
+        FluxPipeline.from_folder(folder)
+
+
 def test_official_folder_names_are_accepted(schnell_folder, tmp_path):
     """The FLUX.1 repos' text_encoder(_2)/ + tokenizer(_2)/ next to the single-file transformer and AE."""
     folder = shutil.copytree(schnell_folder, tmp_path / "model")
