@@ -328,7 +328,11 @@ def evaluate(
 
             bar = tqdm(todo, unit="img", disable=not (progress and ctx.is_main), dynamic_ncols=True,
                        desc=f"{config.protocol.name} rank {ctx.rank}/{ctx.world_size}")
-            with open(results_path(out_dir, ctx.rank), "a") as file:
+            path = results_path(out_dir, ctx.rank)
+            cut_short = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            with open(path, "a") as file:
+                if cut_short:              # end a line cut short by a kill, so the next record stands alone
+                    file.write("\n")
                 for index in bar:
                     sample = dataset[index]
                     scores = evaluate_image(get_provider(), sample, config, num_classes)
