@@ -125,8 +125,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _sampling_defaults(variant: str, overrides: Path | None) -> SamplingDefaults:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
     if overrides is None:
         return VARIANTS[variant]
     values = _read_json(overrides)
@@ -218,6 +216,8 @@ class FluxPipeline:
         3.5); by default "dev" exactly when the transformer has a guidance embedder. The autoencoder
         stays in float32 (its file's dtype); the transformer and the text encoders use `dtype`.
         offload=True keeps all but the running stage on the CPU."""
+        if variant not in (None, *VARIANTS):
+            raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)} or None (from the checkpoint)")
         files = ModelFiles.find(path)
         load_device = "cpu" if offload else device
         model = load_flux(files.transformer, config=_flux_config(files), dtype=dtype, device=load_device)
@@ -305,6 +305,7 @@ class FluxPipeline:
     @torch.inference_mode()
     def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
         """Final tokens (B, L, 4z) -> images (B, C, height, width) in float32, clamped to [-1, 1]."""
+        self.check_size(height, width)
         h, w = latent_size(height, width, self.autoencoder.downsample_factor)
         latent = unpack(tokens.float(), h, w)
         with self._on_device(self.autoencoder):
