@@ -111,6 +111,8 @@ class ImageNetSegmentation(Sequence[SegSample]):
         if not 0 <= index < len(self):
             raise IndexError(index)
         image = np.asarray(self._file[self._imgs[index]])          # (3, W, H) uint8: MATLAB column-major
+        if image.ndim == 2:                                         # a grey image: (W, H)
+            image = np.stack([image] * 3)
         gt_ref = np.asarray(self._file[self._gts[index]]).reshape(-1)[0]
         mask = np.asarray(self._file[gt_ref])                       # (W, H)
         image_id = self.image_id(index)
@@ -161,6 +163,7 @@ class PascalVOC(Sequence[SegSample]):
         self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         self.single_class = single_class
         self.single_class_size = single_class_size
+        self.class_names = ["background", "object"] if single_class else list(VOC_SHORT_NAMES)
         if single_class:
             self.ids = [i for i in self.ids if len(self._present(resize_mask(self._mask(i), single_class_size))) <= 1]
 

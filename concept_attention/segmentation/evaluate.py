@@ -490,7 +490,7 @@ def run_eval(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         summary = evaluate(dataset, build, config, args.out, limit=args.limit, progress=not args.no_progress,
                            plots=not args.no_plots, overwrite=args.overwrite, device=args.device)
-    except (EvalError, ProtocolError, DatasetError) as error:
+    except (EvalError, ProtocolError, DatasetError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if summary:
         print((Path(args.out) / "summary.md").read_text())

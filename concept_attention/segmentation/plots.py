@@ -47,8 +47,10 @@ def layer_curve(summary: dict, config, path: Path) -> None:
 
 
 def timestep_curve(summary: dict, config, path: Path) -> None:
-    ts = sorted(config.sweep_t)
-    _curve(summary, config.methods, lambda m: [(t, f"{m}@t={t:g}") for t in ts],
+    points = {t: "{m}@t=%g" % t for t in config.sweep_t}
+    if config.protocol.t is not None:
+        points[config.protocol.t] = "{m}"                        # the main run is the point at the protocol's t
+    _curve(summary, config.methods, lambda m: [(t, points[t].format(m=m)) for t in sorted(points)],
            "noise level t", f"{config.protocol.name}: encode at noise level t", path)
 
 
