@@ -66,16 +66,16 @@ class ModelFiles:
         if not folder.is_dir():
             raise MissingFilesError(f"model folder {folder} does not exist")
         transformer, autoencoder = _find_transformer(folder), _find_autoencoder(folder)
-        t5 = _first_dir(folder, ("t5", "text_encoder_2"), "T5 encoder", "t5/ (tokenizer and encoder) or text_encoder_2/")
-        clip = _first_dir(folder, ("clip", "text_encoder"), "CLIP encoder", "clip/ (tokenizer and encoder) or text_encoder/")
+        t5, t5_tokenizer = _encoder_folders(folder, "t5", "text_encoder_2", "tokenizer_2", "T5 encoder")
+        clip, clip_tokenizer = _encoder_folders(folder, "clip", "text_encoder", "tokenizer", "CLIP encoder")
         return cls(
             transformer=transformer,
             flux_config=_optional(folder / "flux_config.json"),
             autoencoder=autoencoder,
             t5=t5,
-            t5_tokenizer=t5 if t5.name == "t5" else _first_dir(folder, ("tokenizer_2", t5.name), "T5 tokenizer", "tokenizer_2/"),
+            t5_tokenizer=t5_tokenizer,
             clip=clip,
-            clip_tokenizer=clip if clip.name == "clip" else _first_dir(folder, ("tokenizer", clip.name), "CLIP tokenizer", "tokenizer/"),
+            clip_tokenizer=clip_tokenizer,
             sampling=_optional(folder / "sampling.json"),
         )
 
@@ -84,12 +84,16 @@ def _optional(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _first_dir(folder: Path, names: tuple[str, ...], what: str, expected: str) -> Path:
-    for name in names:
-        if (folder / name).is_dir():
-            return folder / name
+def _encoder_folders(folder: Path, own: str, model: str, tokenizer: str, what: str) -> tuple[Path, Path]:
+    """(encoder, tokenizer) folders: `own/` holding both, else the HF repos' `model/` + `tokenizer/`
+    (or tokenizer files beside the model)."""
+    if (folder / own).is_dir():
+        return folder / own, folder / own
+    if (folder / model).is_dir():
+        return folder / model, folder / tokenizer if (folder / tokenizer).is_dir() else folder / model
     raise MissingFilesError(
-        f"no {what} in {folder}: expected the folder {expected} (from the black-forest-labs/FLUX.1-schnell repo)"
+        f"no {what} in {folder}: expected the folder {own}/ (tokenizer and encoder) or {model}/ + {tokenizer}/ "
+        "(as in the black-forest-labs/FLUX.1-schnell repo)"
     )
 
 
@@ -185,7 +189,7 @@ class FluxPipeline:
         self.dtype = dtype
         self.offload = offload and self.device.type != "cpu"
         widths = {
-            "in_channels (4 x the autoencoder's latent channels)": (model.config.in_channels, 4 * autoencoder.z_channels),
+            "in_channels (4 x the AE latent channels)": (model.config.in_channels, 4 * autoencoder.z_channels),
             "context_in_dim (the T5 width)": (model.config.context_in_dim, t5.model.config.d_model),
             "vec_in_dim (the CLIP width)": (model.config.vec_in_dim, clip.model.config.hidden_size),
         }
@@ -217,7 +221,7 @@ class FluxPipeline:
         stays in float32 (its file's dtype); the transformer and the text encoders use `dtype`.
         offload=True keeps all but the running stage on the CPU."""
         if variant not in (None, *VARIANTS):
-            raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)} or None (from the checkpoint)")
+            raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)} or None (auto)")
         files = ModelFiles.find(path)
         load_device = "cpu" if offload else device
         model = load_flux(files.transformer, config=_flux_config(files), dtype=dtype, device=load_device)
@@ -227,8 +231,8 @@ class FluxPipeline:
             autoencoder = load_autoencoder(files.autoencoder, dtype=torch.float32, device=load_device)
         variant = variant or ("dev" if model.config.guidance_embed else "schnell")
         defaults = _sampling_defaults(variant, files.sampling)
-        t5 = T5Embedder(files.t5, defaults.t5_max_length, dtype, load_device, tokenizer_folder=files.t5_tokenizer)
-        clip = CLIPEmbedder(files.clip, defaults.clip_max_length, dtype, load_device, tokenizer_folder=files.clip_tokenizer)
+        t5 = T5Embedder(files.t5, defaults.t5_max_length, dtype, load_device, files.t5_tokenizer)
+        clip = CLIPEmbedder(files.clip, defaults.clip_max_length, dtype, load_device, files.clip_tokenizer)
         return cls(model, autoencoder, t5, clip, defaults, variant, device, dtype, offload)
 
     # ------------------------------------------------------------------------------------------
@@ -298,7 +302,10 @@ class FluxPipeline:
         progress: bool = True,
     ) -> Tensor:
         """The Euler loop on the transformer; guidance only reaches dev-family models."""
-        guidance = (self.defaults.guidance if guidance is None else guidance) if self.model.config.guidance_embed else None
+        if not self.model.config.guidance_embed:
+            guidance = None
+        elif guidance is None:
+            guidance = self.defaults.guidance
         with self._on_device(self.model):
             return denoise(self.model, img, img_ids, txt, txt_ids, y, timesteps, guidance, progress)
 

@@ -23,7 +23,7 @@ from flux_mini.sampling import (
 
 
 def spec_schedule(num_steps: int, seq_len: int, shift: bool) -> list[float]:
-    """§5.5 in float64: linspace(1, 0), then t -> e^mu / (e^mu + 1/t - 1) with mu on the line (256, .5)-(4096, 1.15)."""
+    """§5.5 in float64: linspace(1, 0), then t -> e^mu / (e^mu + 1/t - 1), mu on the line (256, .5)-(4096, 1.15)."""
     ts = [1 - i / num_steps for i in range(num_steps + 1)]
     if not shift:
         return ts
