@@ -239,7 +239,7 @@ class FluxPipeline:
     # Stages
 
     @contextlib.contextmanager
-    def _on_device(self, *modules: nn.Module):
+    def on_device(self, *modules: nn.Module):
         """With offload, move `modules` to the device for the duration of a stage, then back to the CPU."""
         if self.offload:
             for module in modules:
@@ -266,7 +266,7 @@ class FluxPipeline:
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Prompts -> txt (B, T, d_T5), txt_ids (B, T, 3), y (B, d_CLIP), in the pipeline dtype on the device."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        with self._on_device(self.t5, self.clip):
+        with self.on_device(self.t5, self.clip):
             txt = self.t5(prompts).to(self.device, self.dtype)
             y = self.clip(prompts).to(self.device, self.dtype)
         return txt, text_ids(len(prompts), txt.shape[1], self.device), y
@@ -306,7 +306,7 @@ class FluxPipeline:
             guidance = None
         elif guidance is None:
             guidance = self.defaults.guidance
-        with self._on_device(self.model):
+        with self.on_device(self.model):
             return denoise(self.model, img, img_ids, txt, txt_ids, y, timesteps, guidance, progress)
 
     @torch.inference_mode()
@@ -315,7 +315,7 @@ class FluxPipeline:
         self.check_size(height, width)
         h, w = latent_size(height, width, self.autoencoder.downsample_factor)
         latent = unpack(tokens.float(), h, w)
-        with self._on_device(self.autoencoder):
+        with self.on_device(self.autoencoder):
             images = self.autoencoder.decode(latent.to(self.device))
         return images.float().clamp(-1, 1)
 
