@@ -92,17 +92,18 @@ class ConceptAttentionPipeline:
         img, ids = flux.prepare_latents(1, height, width, seed)  # (1, L, 4z), (1, L, 3)
         schedule = flux.timesteps(num_inference_steps, img.shape[1])
         guidance_vec = timestep_vector(guidance, img) if model.config.guidance_embed else None
-        for step, (t_curr, t_prev) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
-            t_vec = timestep_vector(t_curr, img)
-            if step in steps:
-                accumulator.keep_vectors = return_vectors
-                pred = run_concept_layers(
-                    model, img, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
-                    guidance=guidance_vec, concept_y=concept_y, attention=attention, need_output=True, step=step,
-                )
-            else:
-                pred = model(img, ids, txt, txt_ids, t_vec, y, guidance_vec)
-            img = euler_step(img, pred, t_curr, t_prev)
+        accumulator.keep_vectors = return_vectors
+        with flux.on_device(model):
+            for step, (t_curr, t_prev) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
+                t_vec = timestep_vector(t_curr, img)
+                if step in steps:  # the same call gives the velocity and this step's maps
+                    pred = run_concept_layers(
+                        model, img, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
+                        guidance=guidance_vec, concept_y=concept_y, attention=attention, need_output=True, step=step,
+                    )
+                else:
+                    pred = model(img, ids, txt, txt_ids, t_vec, y, guidance_vec)
+                img = euler_step(img, pred, t_curr, t_prev)
         image = flux.to_pil(flux.decode_tokens(img, height, width))[0]
         return self._output(image, concepts, accumulator, self._token_grid(height, width), blur)
 
@@ -151,7 +152,8 @@ class ConceptAttentionPipeline:
         accumulator = self._accumulator(spaces, softmax, normalize, per_layer, return_vectors, vector_layers, layers)
         accumulator.keep_vectors = return_vectors
         picture, pixels = self._image_tensor(image, width, height)
-        clean = pack(flux.autoencoder.encode(pixels.to(flux.device, torch.float32)).to(flux.dtype))  # (1, L, 4z)
+        with flux.on_device(flux.autoencoder):
+            clean = pack(flux.autoencoder.encode(pixels.to(flux.device)).to(flux.dtype))  # (1, L, 4z)
         height, width = pixels.shape[-2:]
         txt, txt_ids, y = flux.encode_prompt([prompt])
         if pooled == "zero":
@@ -162,15 +164,16 @@ class ConceptAttentionPipeline:
             if not 0 <= noise_timestep < len(schedule):
                 raise ValueError(f"noise_timestep must index the {num_steps}-step schedule 0..{num_steps}, got {noise_timestep}")
             t = schedule[noise_timestep]
-        for sample in self._progress(range(num_samples), progress):
-            noise, ids = flux.prepare_latents(1, height, width, seed + sample)
-            noisy = t * noise + (1.0 - t) * clean
-            t_vec = timestep_vector(t, noisy)
-            guidance_vec = timestep_vector(guidance, noisy) if model.config.guidance_embed else None
-            run_concept_layers(
-                model, noisy, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
-                guidance=guidance_vec, concept_y=concept_y, attention=attention, step=sample,
-            )
+        with flux.on_device(model):
+            for sample in self._progress(range(num_samples), progress):
+                noise, ids = flux.prepare_latents(1, height, width, seed + sample)
+                noisy = t * noise + (1.0 - t) * clean
+                t_vec = timestep_vector(t, noisy)
+                guidance_vec = timestep_vector(guidance, noisy) if model.config.guidance_embed else None
+                run_concept_layers(
+                    model, noisy, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
+                    guidance=guidance_vec, concept_y=concept_y, attention=attention, step=sample,
+                )
         return self._output(picture, concepts, accumulator, self._token_grid(height, width), blur)
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -202,8 +205,10 @@ class ConceptAttentionPipeline:
         """(1, r, context_in_dim) concept embeddings and the concept pooled input (None = zeros)."""
         if pooled not in CONCEPT_POOLED:
             raise ValueError(f"concept_pooled must be one of {CONCEPT_POOLED}, got {pooled!r}")
-        concept_txt = encode_concepts(self.flux.t5, concepts, encoding)[None].to(self.flux.dtype)
-        concept_y = self.flux.clip([" ".join(concepts)]).to(self.flux.dtype) if pooled == "clip" else None
+        flux = self.flux
+        with flux.on_device(flux.t5, flux.clip):
+            concept_txt = encode_concepts(flux.t5, concepts, encoding)[None].to(flux.device, flux.dtype)
+            concept_y = flux.clip([" ".join(concepts)]).to(flux.device, flux.dtype) if pooled == "clip" else None
         return concept_txt, concept_y
 
     def _token_grid(self, height: int, width: int) -> tuple[int, int]:
