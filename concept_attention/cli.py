@@ -16,6 +16,7 @@ from PIL import Image
 
 from concept_attention.pictures import concept_grid
 from concept_attention.pipeline import ConceptAttentionOutput, ConceptAttentionPipeline
+from concept_attention.segmentation.evaluate import add_eval_arguments, run_eval
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,12 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--noise-timestep", type=int, default=2)
     encode.add_argument("--t", type=float, default=None, help="noise time in [0, 1] (overrides --noise-timestep)")
     encode.add_argument("--samples", type=int, default=1, help="noise samples averaged (seeds seed..seed+n-1)")
-    try:
-        from concept_attention.segmentation.evaluate import add_eval_arguments
-    except ImportError:
-        add_eval_arguments = None
-    if add_eval_arguments is not None:
-        add_eval_arguments(commands.add_parser("eval", help="zero-shot segmentation benchmark"))
+    add_eval_arguments(commands.add_parser("eval", help="zero-shot segmentation benchmark"))
     return parser
 
 
@@ -100,8 +96,6 @@ def save_outputs(out: ConceptAttentionOutput, folder: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval":
-        from concept_attention.segmentation.evaluate import run_eval
-
         return run_eval(args) or 0
     weights, native = (args.weights, 1024) if args.weights is not None else default_weights()
     width, height = args.width or native, args.height or native
