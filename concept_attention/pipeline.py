@@ -76,12 +76,15 @@ class ConceptAttentionPipeline:
         per_layer: bool = False,
         return_vectors: bool = False,
         vector_layers: Sequence[int] | None = None,
+        vector_steps: Sequence[int] | None = None,
         progress: bool = True,
     ) -> ConceptAttentionOutput:
         """Generate an image for `prompt` and the maps of `concepts` from the same model calls.
 
         `timesteps` are indices of the denoising steps whose maps are averaged (None = all);
-        `layer_indices` None = the last four double blocks (15-18 on Flux.1)."""
+        `layer_indices` None = the last four double blocks (15-18 on Flux.1). With `return_vectors`,
+        the raw concept/image attention outputs of `vector_layers` x `vector_steps` (default: the
+        averaged ones) are kept on the CPU."""
         flux, model = self.flux, self.flux.model
         concepts = check_concepts(concepts)
         layers = self._layers(layer_indices)
@@ -92,10 +95,10 @@ class ConceptAttentionPipeline:
         img, ids = flux.prepare_latents(1, height, width, seed)  # (1, L, 4z), (1, L, 3)
         schedule = flux.timesteps(num_inference_steps, img.shape[1])
         guidance_vec = timestep_vector(guidance, img) if model.config.guidance_embed else None
-        accumulator.keep_vectors = return_vectors
         with flux.on_device(model):
             for step, (t_curr, t_prev) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
                 t_vec = timestep_vector(t_curr, img)
+                accumulator.keep_vectors = return_vectors and (vector_steps is None or step in vector_steps)
                 if step in steps:  # the same call gives the velocity and this step's maps
                     pred = run_concept_layers(
                         model, img, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,

@@ -57,6 +57,13 @@ def test_encode_averages_noise_samples_and_respects_t(pipe):
     assert not torch.allclose(pipe.encode_image(image, CONCEPTS, t=0.9, seed=4, **kwargs).concept_maps, one[0])
 
 
+def test_raw_vectors_only_for_chosen_layers_and_steps(pipe):
+    out = pipe.generate_image("a circle", CONCEPTS, width=32, height=32, progress=False, layer_indices=[0, 1, 3],
+                              return_vectors=True, vector_layers=[1, 3], vector_steps=[2])
+    assert [(v["layer"], v["step"]) for v in out.vectors] == [(1, 2), (3, 2)]
+    assert out.vectors[0]["concept_out"].shape == (1, 3, 64) and out.vectors[0]["image_out"].shape == (1, 64, 64)
+
+
 def test_encode_options(pipe):
     image = Image.new("RGB", (48, 32), (20, 160, 30))
     out = pipe.encode_image(image, CONCEPTS, per_layer=True, layer_indices=[0, 2, 3], blur=True, normalize="linear",
