@@ -6,37 +6,18 @@ RANDOM model is built in a temporary folder (its maps show the machinery, not le
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from concept_attention.demo import demo_model
 from concept_attention.pictures import concept_grid
 from concept_attention.pipeline import ConceptAttentionOutput, ConceptAttentionPipeline
 from concept_attention.segmentation.evaluate import add_eval_arguments, run_eval
 
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_weights() -> tuple[Path, int]:
-    """The shipped demo model and its native image size, or a freshly built tiny random model."""
-    if any(DEMO_WEIGHTS.glob("flux1-*.safetensors")):
-        size = json.loads((DEMO_WEIGHTS / "demo.json").read_text())["image_size"] if (DEMO_WEIGHTS / "demo.json").exists() else 32
-        print(f"Using the embedded demo model in {DEMO_WEIGHTS} (pass --weights DIR for the real Flux.1).")
-        return DEMO_WEIGHTS, size
-    from flux_mini.tiny import build_tiny_weights
-
-    folder = Path(tempfile.mkdtemp(prefix="flux-mini-tiny-random-"))
-    build_tiny_weights(folder, seed=0)
-    print(
-        "NOTE: no --weights given and no trained demo model ships yet: running on a tiny RANDOM model "
-        f"built in {folder}. The pictures show the pipeline working, not learned concepts."
-    )
-    return folder, 64
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate an image and its concept maps")
     add_common(generate)
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--steps", type=int, default=4)
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default 4; demo: its own)")
     generate.add_argument("--guidance", type=float, default=0.0)
     generate.add_argument("--timesteps", type=int, nargs="+", default=None, help="denoising steps to average (default all)")
     encode = commands.add_parser("encode", help="concept maps of an existing image")
@@ -97,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return run_eval(args) or 0
-    weights, native = (args.weights, 1024) if args.weights is not None else default_weights()
+    demo = demo_model() if args.weights is None else None
+    weights, native = (args.weights, 1024) if demo is None else (demo.weights, demo.image_size)
     width, height = args.width or native, args.height or native
     try:
         pipe = ConceptAttentionPipeline.from_folder(weights, device=args.device, dtype=DTYPES[args.dtype])
@@ -107,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command == "generate":
             out = pipe.generate_image(
-                args.prompt, args.concepts, width=width, height=height, num_inference_steps=args.steps,
+                args.prompt, args.concepts, width=width, height=height,
+                num_inference_steps=args.steps or (demo.num_steps if demo else 4),
                 guidance=args.guidance, timesteps=args.timesteps, **options,
             )
             save_outputs(out, args.out, args.prompt)
