@@ -29,8 +29,8 @@ METADATA_KEY = "flux_config"
 
 # A key that only each non-transformer layout has, and what to say about it (spec §6.4).
 OTHER_LAYOUTS = {
-    "encoder.down.0.block.0.conv1.weight": "a Flux autoencoder in the BFL layout (ae.safetensors)",
-    "encoder.down_blocks.0.resnets.0.conv1.weight": "a VAE in the diffusers layout (vae/)",
+    "encoder.down.0.block.0.conv1.weight": "a Flux autoencoder (ae.safetensors; load it with load_autoencoder)",
+    "encoder.down_blocks.0.resnets.0.conv1.weight": "a diffusers VAE (vae/; load it with load_autoencoder)",
     "encoder.block.0.layer.0.SelfAttention.q.weight": "a T5 text encoder",
     "text_model.embeddings.token_embedding.weight": "a CLIP text encoder",
     "redux_up.weight": "the Redux image adapter (flux1-redux-dev), which is used beside a dev/schnell transformer",
