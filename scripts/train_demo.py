@@ -37,7 +37,7 @@ T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED, HELD_OUT_SEED = 0, 1  # dataset streams: training images never appear in the benchmark
 
 
-def demo_flux_config() -> FluxConfig:
+def demo_flux_config(depth: int = 4, depth_single_blocks: int = 1) -> FluxConfig:
     """1.6M parameters: 4 double blocks (where ConceptAttention reads) and 1 single block; hidden 96 so
     that a step takes well under a second on one core."""
     return FluxConfig(
@@ -48,8 +48,8 @@ def demo_flux_config() -> FluxConfig:
         hidden_size=96,
         mlp_ratio=4.0,
         num_heads=4,
-        depth=4,
-        depth_single_blocks=1,
+        depth=depth,
+        depth_single_blocks=depth_single_blocks,
         axes_dim=(8, 8, 8),
         theta=10_000,
         qkv_bias=True,
@@ -243,6 +243,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-images", type=int, default=50)
+    parser.add_argument("--depth", type=int, default=4, help="double blocks (new runs only)")
+    parser.add_argument("--single-depth", type=int, default=1, help="single blocks (new runs only)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--benchmark-only", action="store_true", help="score the checkpoint's EMA and exit")
     args = parser.parse_args()
@@ -260,7 +262,8 @@ def main() -> None:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
         config = TrainConfig(batch_size=args.batch_size, lr=args.lr, ema_decay=0.998)
-        trainer = Trainer(zero_init_modulation_(Flux(demo_flux_config())), config, Conditioning(null_txt, null_y))
+        model = zero_init_modulation_(Flux(demo_flux_config(args.depth, args.single_depth)))
+        trainer = Trainer(model, config, Conditioning(null_txt, null_y))
     print(f"model {parameter_count(trainer.model)} parameters, {json.dumps(trainer.model.config.to_dict())}")
 
     def evaluate(trainer: Trainer) -> None:
