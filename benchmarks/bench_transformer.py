@@ -5,7 +5,8 @@
 One run prints, side by side at 1 and 2 threads: the forward time of both models on the same random
 weights (medium config, float32, no_grad; repetitions interleaved, medians; wall and process CPU
 time), their ratio, and flux_mini's throughput (matmul + attention FLOPs counted analytically, per
-CPU second) as a fraction of a plain 2048x2048 fp32 matmul's, measured in the same run. Then the peak RSS of loading a ~1 GB fp32 checkpoint,
+CPU second) as a fraction of a plain 2048x2048 fp32 matmul's, measured in the same run. Then the peak RSS
+of loading a ~1 GB fp32 checkpoint,
 measured in fresh subprocesses, relative to the file size.
 Goals: time ratio <= 0.95, >= 75% of matmul peak, load peak <= 1.2x the file size.
 """
@@ -109,9 +110,11 @@ def speed(reps: int) -> None:
     with FlopCounterMode(display=False) as counter:
         ours()
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    print(f"medium config: hidden {MEDIUM.hidden_size}, {MEDIUM.num_heads} heads, {MEDIUM.depth}+{MEDIUM.depth_single_blocks} "
-          f"blocks, {GRID[0] * GRID[1]} image + {TEXT} text tokens, fp32, batch 1; {flops / 1e9:.1f} GFLOP/forward = "
-          f"Linear {linear / 1e9:.1f} (torch's FlopCounterMode: {counter.get_total_flops() / 1e9:.1f}, it skips CPU SDPA) "
+    c = MEDIUM
+    print(f"medium config: hidden {c.hidden_size}, {c.num_heads} heads, {c.depth}+{c.depth_single_blocks} blocks, "
+          f"{GRID[0] * GRID[1]} image + {TEXT} text tokens, fp32, batch 1; {flops / 1e9:.1f} GFLOP/forward = "
+          f"Linear {linear / 1e9:.1f} (torch's FlopCounterMode: {counter.get_total_flops() / 1e9:.1f}; it skips "
+          f"CPU SDPA) "
           f"+ attention {attn / 1e9:.1f}; max |flux_mini - diffusers| = {delta:.2e}")  # fmt: skip
     print(f"{reps} interleaved repetitions, medians; wall = elapsed seconds, cpu = CPU seconds of this process")
     print(f"{'threads':>7} {'flux_mini wall/cpu':>19} {'diffusers wall/cpu':>19} {'ratio wall/cpu':>15} "
@@ -168,9 +171,12 @@ def load_memory() -> None:
             f"torch.manual_seed(0); save_flux(Flux(FluxConfig(**{LOAD.to_dict()!r})), sys.argv[1])"
         ), str(path)], check=True, env=CHILD_ENV)  # fmt: skip
         size = path.stat().st_size
-        print(f"\nload: {size / 1e9:.2f} GB fp32 file (hidden {LOAD.hidden_size}, {LOAD.depth}+{LOAD.depth_single_blocks} blocks)")
+        c = LOAD
+        print(f"\nload: {size / 1e9:.2f} GB fp32 file (hidden {c.hidden_size}, {c.depth}+{c.depth_single_blocks} "
+              "blocks)")
         for how in ("load_flux", "load_flux+touch", "load_file+load_state_dict"):
-            out = subprocess.run([sys.executable, "-c", MEASURE, str(path), how], check=True, capture_output=True, text=True, env=CHILD_ENV)
+            command = [sys.executable, "-c", MEASURE, str(path), how]
+            out = subprocess.run(command, check=True, capture_output=True, text=True, env=CHILD_ENV)
             peak = int(out.stdout.split()[-1])
             print(f"  {how:<26} peak RSS above baseline {peak / 1e9:6.2f} GB = {peak / size:.2f}x file size")
 

@@ -79,14 +79,14 @@ def _parse_file(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]]
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {info!r}") from None
         if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which is not supported ({sorted(DTYPES)})")
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, not one of {sorted(DTYPES)}")
         if end > data_size:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has only "
                 f"{size} bytes; the download or copy was interrupted, fetch the file again"
             )
         if end - begin != math.prod(shape) * DTYPES[dtype].itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, which does not fit {dtype} {list(shape)}")
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, not {dtype} {list(shape)}")
         entries[name] = (dtype, shape, begin)
     return entries, metadata, data_start
 
@@ -244,7 +244,7 @@ def load_strict(
     left_on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left_on_meta:
         raise CheckpointError(
-            f"{type(model).__name__} still has tensors on the meta device after loading ({', '.join(left_on_meta[:5])}): "
-            "non-persistent buffers must be recomputed after loading, they are not in the checkpoint"
+            f"{type(model).__name__} still has tensors on the meta device after loading "
+            f"({', '.join(left_on_meta[:5])}): non-persistent buffers are not in checkpoints, recompute them"
         )
     return model

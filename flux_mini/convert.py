@@ -93,7 +93,8 @@ def rules_for(keys) -> list[Rule]:
     """The rules for every block index that occurs in `keys` (either layout)."""
     doubles = _block_indices(keys, r"(?:double_blocks|transformer_blocks)\.(\d+)\.")
     singles = _block_indices(keys, r"(?:single_blocks|single_transformer_blocks)\.(\d+)\.")
-    return _global_rules() + [r for i in doubles for r in _double_rules(i)] + [r for i in singles for r in _single_rules(i)]
+    blocks = [r for i in doubles for r in _double_rules(i)] + [r for i in singles for r in _single_rules(i)]
+    return _global_rules() + blocks
 
 
 def _swap_halves(t: Tensor) -> Tensor:

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from flux_mini.checkpoint import CheckpointError, load_strict, read_header, read_metadata, read_safetensors, strip_prefix
+from flux_mini.checkpoint import (
+    CheckpointError,
+    load_strict,
+    read_header,
+    read_metadata,
+    read_safetensors,
+    strip_prefix,
+)
 from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl
 from flux_mini.model import PRESETS, Flux, FluxConfig
 
@@ -114,9 +121,11 @@ def _config_from_json(text: str, path) -> FluxConfig:
 def infer_config(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None) -> FluxConfig:
     """The FluxConfig whose state dict has these BFL shapes (axes_dim: see the module docstring)."""
     norm = next((k for k in shapes if k.endswith("query_norm.scale")), None)
-    mlp = next((k for k in shapes if re.fullmatch(r"(double_blocks\.\d+\.img_mlp\.0|single_blocks\.\d+\.linear1)\.weight", k)), None)
+    mlp_pattern = r"(double_blocks\.\d+\.img_mlp\.0|single_blocks\.\d+\.linear1)\.weight"
+    mlp = next((k for k in shapes if re.fullmatch(mlp_pattern, k)), None)
     needed = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight"]
-    absent = [k for k in needed if k not in shapes] + ([] if norm else ["*.query_norm.scale"]) + ([] if mlp else ["MLP weights"])
+    absent = [k for k in needed if k not in shapes]
+    absent += ([] if norm else ["*.query_norm.scale"]) + ([] if mlp else ["MLP weights"])
     if absent:
         raise CheckpointError(f"cannot infer the Flux config: the checkpoint lacks {', '.join(absent)}; pass config=")
     hidden, in_channels = shapes["img_in.weight"]
@@ -140,7 +149,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] |
             depth_single_blocks=_count_blocks(shapes, "single_blocks"),
             axes_dim=axes_dim or OFFICIAL_AXES_DIM,
             # without double blocks qkv_bias changes nothing; keep the official value then
-            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes or "double_blocks.0.img_attn.qkv.weight" not in shapes,
+            qkv_bias=any(k.endswith("qkv.bias") for k in shapes) or not any(k.endswith("qkv.weight") for k in shapes),
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except ValueError as e:

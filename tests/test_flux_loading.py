@@ -69,18 +69,22 @@ def missing_key(tmp, state):
 
 def wrong_shape(tmp, state):
     path = write(tmp / "s.safetensors", state | {"txt_in.weight": torch.zeros(64, 40)})
-    return path, {"config": CONFIG}, ["shape mismatches (1)", "txt_in.weight file [64, 40] vs model [64, 48]", "context_in_dim: file 40, requested 48"]
+    words = ["shape mismatches (1)", "txt_in.weight file [64, 40] vs model [64, 48]"]
+    words.append("context_in_dim: file 40, requested 48")
+    return path, {"config": CONFIG}, words
 
 
 def wrong_variant(tmp, state):
     path = write(tmp / "dev.safetensors", state)
     config = tiny_flux_config(guidance_embed=False)
-    return path, {"config": config}, ["has guidance_in", "guidance_embed: file True, requested False", "unexpected keys (4): guidance_in."]
+    words = ["has guidance_in", "guidance_embed: file True, requested False", "unexpected keys (4): guidance_in."]
+    return path, {"config": config}, words
 
 
 def autoencoder(tmp, state):
     names = ["encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight", "encoder.conv_out.weight"]
-    return write(tmp / "ae.safetensors", {n: torch.zeros(1) for n in names}), {}, ["not a Flux transformer", "autoencoder"]
+    path = write(tmp / "ae.safetensors", {n: torch.zeros(1) for n in names})
+    return path, {}, ["not a Flux transformer", "autoencoder", "load_autoencoder"]
 
 
 def random_keys(tmp, state):
@@ -105,7 +109,8 @@ def two_files_no_index(tmp, state):
 
 
 def missing_path(tmp, state):
-    return tmp / "nowhere" / "flux1-dev.safetensors", {}, ["does not exist", "flux1-dev.safetensors", "weights/README.md"]
+    words = ["does not exist", "flux1-dev.safetensors", "weights/README.md"]
+    return tmp / "nowhere" / "flux1-dev.safetensors", {}, words
 
 
 def unknown_axes(tmp, state):

@@ -27,7 +27,8 @@ def save_layouts(state: dict, folder) -> dict:
     diffusers = {k: v.contiguous() for k, v in bfl_to_diffusers(state).items()}
     save_file(state, folder / "bfl.safetensors")
     # an all-in-one file: the transformer under a prefix, beside other components that must be ignored
-    prefixed = {f"model.diffusion_model.{k}": v for k, v in state.items()} | {"vae.decoder.conv_in.bias": torch.zeros(3)}
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    prefixed["vae.decoder.conv_in.bias"] = torch.zeros(3)
     save_file(prefixed, folder / "prefixed.safetensors")
     save_file(diffusers, folder / "diffusers.safetensors")
 

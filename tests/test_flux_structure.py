@@ -23,7 +23,7 @@ KEY_FILE = {  # preset -> the spec's dump with the same architecture
     "flux-dev-depth": "flux-dev-canny",
 }
 
-pytestmark = pytest.mark.skipif(not SPEC_DIR.is_dir(), reason=f"spec dumps not found at {SPEC_DIR} (shared/ beside the repo)")
+pytestmark = pytest.mark.skipif(not SPEC_DIR.is_dir(), reason=f"spec dumps not found at {SPEC_DIR} (shared/ missing)")
 
 
 def spec_keys(name: str) -> dict:
