@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor, nn
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +49,10 @@ class FluxConfig:
             )
         if any(a % 2 for a in self.axes_dim):
             raise ValueError(f"every RoPE axis dim must be even, got axes_dim {list(self.axes_dim)}")
+        if min(self.depth, self.depth_single_blocks) < 0 or self.depth + self.depth_single_blocks == 0:
+            raise ValueError(
+                f"depth {self.depth} and depth_single_blocks {self.depth_single_blocks} must be >= 0 with at least one block"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -118,24 +122,24 @@ class MLPEmbedder(nn.Module):
 
 
 class RoPE(nn.Module):
-    """N-axis rotary embedding: ids (B, L, n_axes) -> (cos, sin), each (B, 1, L, Dh), at least float32.
+    """N-axis rotary embedding: ids (B, L, n_axes) -> unit complex rotations (B, 1, L, Dh/2).
 
-    Each axis rotates its own slice of the head dims, in interleaved pairs (2p, 2p+1). Angles are
-    formed in float64 so that positions of large grids stay exact."""
+    Each axis rotates its own slice of the head dims, in interleaved pairs (2p, 2p+1) read as complex
+    numbers x[2p] + i x[2p+1]. Angles are formed in float64 so that positions of large grids stay exact;
+    the rotations are complex64 (complex128 for float64 ids)."""
 
     def __init__(self, axes_dim: tuple[int, ...], theta: int):
         super().__init__()
         self.axes_dim = axes_dim
         self.theta = theta
 
-    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, ids: Tensor) -> Tensor:
         angles = []
         for axis, dim in enumerate(self.axes_dim):
             omega = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
             angles.append(ids[..., axis, None].double() * omega)  # (B, L, dim/2)
-        angle = repeat(torch.cat(angles, dim=-1), "b l p -> b 1 l (p two)", two=2)
-        dtype = upcast(ids.dtype)
-        return angle.cos().to(dtype), angle.sin().to(dtype)
+        angle = rearrange(torch.cat(angles, dim=-1), "b l p -> b 1 l p").to(upcast(ids.dtype))
+        return torch.polar(torch.ones_like(angle), angle)
 
 
 def upcast(dtype: torch.dtype) -> torch.dtype:
@@ -143,13 +147,11 @@ def upcast(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate each pair (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1) in float32 (or higher); x: (B, H, L, Dh)."""
-    cos, sin = pe
-    xf = x.to(upcast(x.dtype))
-    pairs = rearrange(xf, "... (p two) -> ... p two", two=2)
-    swapped = rearrange(torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1), "... p two -> ... (p two)")
-    return (xf * cos + swapped * sin).to(x.dtype)
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate each pair (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1), i.e. multiply x0 + i x1 by
+    e^(i angle), in float32 (or higher); x: (B, H, L, Dh)."""
+    pairs = torch.view_as_complex(rearrange(x.to(upcast(x.dtype)), "... (p two) -> ... p two", two=2))
+    return rearrange(torch.view_as_real(pairs * pe), "... p two -> ... (p two)").to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +188,11 @@ class ModulationOut:
     gate: Tensor
 
     def modulate(self, x: Tensor) -> Tensor:
-        return (1 + self.scale) * layer_norm(x) + self.shift
+        return torch.addcmul(self.shift, 1 + self.scale, layer_norm(x))
+
+    def residual(self, x: Tensor, branch: Tensor) -> Tensor:
+        """x + gate * branch, fused."""
+        return torch.addcmul(x, self.gate, branch)
 
 
 def layer_norm(x: Tensor) -> Tensor:
@@ -211,10 +217,14 @@ class Modulation(nn.Module):
 # Attention
 
 
-def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused projection (B, L, 3*D) -> q, k, v, each (B, H, L, Dh); q, k, v are contiguous D-blocks."""
-    q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=num_heads)
-    return q, k, v
+def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused projection (B, L, 3*D) -> QK-normed q, k and raw v, each (B, H, L, Dh).
+
+    q, k, v are contiguous D-blocks of the features. The norm runs before the head axis moves forward,
+    on rows that are still contiguous (after the move it would copy them first)."""
+    q, k, v = rearrange(qkv, "b l (k h d) -> k b l h d", k=3, h=num_heads)
+    q, k = norm(q, k, v)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -241,9 +251,7 @@ class SelfAttention(nn.Module):
         return self.heads(self.qkv(x))
 
     def heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        return split_heads(qkv, self.num_heads, self.norm)
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -357,7 +365,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = mlp(dim, config.mlp_hidden_dim)
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor], concepts: ConceptStream | None = None
+        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, concepts: ConceptStream | None = None
     ) -> tuple[Tensor, Tensor, ConceptLayer | None]:
         """img (B, L, D), txt (B, T, D), vec (B, D), pe over [txt ; img] -> (img, txt, concept layer or None)."""
         img_mod1, img_mod2 = self.img_mod(vec)
@@ -371,10 +379,10 @@ class DoubleStreamBlock(nn.Module):
         out = merge_heads(attention(q, k, v))  # (B, T + L, D)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_out)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(img))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_out)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(txt))
+        img = img_mod1.residual(img, self.img_attn.proj(img_out))
+        img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(img)))
+        txt = txt_mod1.residual(txt, self.txt_attn.proj(txt_out))
+        txt = txt_mod2.residual(txt, self.txt_mlp(txt_mod2.modulate(txt)))
         if concepts is None:
             return img, txt, None
         return img, txt, self.concept_forward(concepts, img_q, k[:, :, txt.shape[1] :], img_v, img_out)
@@ -386,8 +394,8 @@ class DoubleStreamBlock(nn.Module):
         mod1, mod2 = self.txt_mod(concepts.vec)
         q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
         o_c = merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention))  # (B, r, D)
-        c = concepts.tokens + mod1.gate * few_token_linear(self.txt_attn.proj, o_c)
-        c = c + mod2.gate * few_token_mlp(self.txt_mlp, mod2.modulate(c))
+        c = mod1.residual(concepts.tokens, few_token_linear(self.txt_attn.proj, o_c))
+        c = mod2.residual(c, few_token_mlp(self.txt_mlp, mod2.modulate(c)))
         return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
 
@@ -406,14 +414,14 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(dim, double=False)
 
     def forward(
-        self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor], concepts: ConceptStream | None = None, num_txt: int = 0
+        self, x: Tensor, vec: Tensor, pe: Tensor, concepts: ConceptStream | None = None, num_txt: int = 0
     ) -> tuple[Tensor, ConceptLayer | None]:
         """x (B, T + L, D), text first -> (x, concept layer or None); num_txt = T is needed with concepts."""
         (mod,) = self.modulation(vec)
         q, k, v, mlp_in = self.split(self.linear1(mod.modulate(x)))
         k_rot = apply_rope(k, pe)
         out = merge_heads(attention(apply_rope(q, pe), k_rot, v))
-        x_next = x + mod.gate * self.linear2(torch.cat((out, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+        x_next = mod.residual(x, self.output(out, F.gelu(mlp_in, approximate="tanh")))
         if concepts is None:
             return x_next, None
         img = slice(num_txt, None)
@@ -422,9 +430,13 @@ class SingleStreamBlock(nn.Module):
     def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """linear1's output -> normalised q, k, raw v (B, H, L, Dh) and the MLP input (B, L, M)."""
         qkv, mlp_in = h.split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v, mlp_in
+        return *split_heads(qkv, self.num_heads, self.norm), mlp_in
+
+    def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
+        """linear2 of [attn ; mlp_act], as the sum of two products over the weight's column blocks:
+        the same map without building the (T + L) x (D + M) concatenation."""
+        weight, dim = self.linear2.weight, self.hidden_size
+        return F.linear(attn, weight[:, :dim], self.linear2.bias) + F.linear(mlp_act, weight[:, dim:])
 
     def concept_forward(
         self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor
@@ -434,7 +446,7 @@ class SingleStreamBlock(nn.Module):
         q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.modulate(concepts.tokens)))
         o_c = merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention))  # (B, r, D)
         h = torch.cat((o_c, F.gelu(mlp_c, approximate="tanh")), dim=-1)
-        c = concepts.tokens + mod.gate * few_token_linear(self.linear2, h)
+        c = mod.residual(concepts.tokens, few_token_linear(self.linear2, h))
         return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
 

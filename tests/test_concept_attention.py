@@ -339,3 +339,8 @@ def test_bad_concept_embeddings_are_named():
 def test_bad_concept_lists_are_named(concepts, message):
     with pytest.raises(ValueError, match=message):
         check_concepts(concepts)
+
+
+def test_config_without_blocks_is_refused():
+    with pytest.raises(ValueError, match="at least one block"):
+        tiny_flux_config(depth=0, depth_single_blocks=0)

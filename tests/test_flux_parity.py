@@ -148,7 +148,7 @@ def test_diffusers_layout_file_runs_in_diffusers(tiny):
 @settings(max_examples=25, deadline=None)
 @given(
     depth=st.integers(0, 2),
-    singles=st.integers(0, 2),
+    singles=st.integers(1, 2),
     heads=st.integers(1, 3),
     head_dim=st.sampled_from([2, 4]),
     mlp_ratio=st.sampled_from([1.0, 2.5, 4.0]),
