@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from concept_attention.maps import compute_concept_maps
 from concept_attention.shapes import ShapesConfig, make_sample, vocabulary
 from flux_mini.autoencoder import IdentityAutoEncoder
+from flux_mini.loading import load_flux
 from flux_mini.model import Flux, FluxConfig
 from flux_mini.sampling import image_ids, pack, text_ids
 from flux_mini.text_encoders import CLIPEmbedder, T5Embedder
@@ -166,12 +167,14 @@ CLASSES = ("background", *ShapesConfig().shapes)  # scored classes; every backgr
 
 
 @torch.no_grad()
-def benchmark(model: Flux, encoder: CaptionEncoder, num_images: int = 50, t: float = 0.5) -> dict:
+def benchmark(
+    model: Flux, encoder: CaptionEncoder, num_images: int = 50, t: float = 0.5, layers: list[int] | None = None
+) -> dict:
     """Pooled pixel accuracy and mIoU over (background, circle, square, triangle) on held-out images.
 
     Encode mode as in the paper: x_t = (1 - t) x0 + t noise, empty prompt, y = 0, one forward pass, maps
-    averaged over all double blocks, softmax over concepts. Concepts = every background word and every
-    shape word (no oracle): a pixel counts as background when a background word wins."""
+    averaged over `layers` (default: all double blocks), softmax over concepts. Concepts = every background
+    word and every shape word (no oracle): a pixel counts as background when a background word wins."""
     config = ShapesConfig()
     words = [*config.backgrounds, *config.shapes]
     to_class = torch.tensor([0] * len(config.backgrounds) + list(range(1, len(config.shapes) + 1)))
@@ -189,12 +192,29 @@ def benchmark(model: Flux, encoder: CaptionEncoder, num_images: int = 50, t: flo
 
     results = {"predict_background": _scores(torch.zeros_like(truth), truth)}
     for name, space in (("concept_attention", "output"), ("cross_attention", "cross_attention")):
-        maps = compute_concept_maps(model, *args, y, concept_txt, space=space)  # (B, r, N)
+        maps = compute_concept_maps(model, *args, y, concept_txt, layers=layers, space=space)  # (B, r, N)
         maps = maps.reshape(b, len(words), h // 2, w // 2)
         maps = F.interpolate(maps, size=(h, w), mode="nearest")
         predicted = to_class[maps.argmax(dim=1)]
         results[name] = _scores(predicted, truth)
     return results
+
+
+def benchmark_table(model: Flux, encoder: CaptionEncoder, num_images: int) -> str:
+    """Markdown rows: the tracked protocol (all double blocks), the last two double blocks (as the paper
+    reads Flux's last ones) and the single-block extension; pixel accuracy / mIoU, then per-class IoU."""
+    depth = model.config.depth
+    settings = {
+        f"double blocks 0-{depth - 1}": None,
+        f"double blocks {depth - 2}-{depth - 1}": [depth - 2, depth - 1],
+        f"all {model.config.num_layers} blocks (single-block extension)": list(range(model.config.num_layers)),
+    }
+    rows = ["| layers | method | pixel acc. | mIoU | " + " | ".join(CLASSES) + " |", "|---|---|---|---|" + "---|" * len(CLASSES)]
+    for label, layers in settings.items():
+        for method, r in benchmark(model, encoder, num_images, layers=layers).items():
+            ious = " | ".join(f"{r['iou'][c]:.3f}" for c in CLASSES)
+            rows.append(f"| {label} | {method} | {r['pixel_accuracy']:.3f} | {r['miou']:.3f} | {ious} |")
+    return "\n".join(rows)
 
 
 def _class_mask(sample, config: ShapesConfig) -> np.ndarray:
@@ -246,7 +266,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4, help="double blocks (new runs only)")
     parser.add_argument("--single-depth", type=int, default=1, help="single blocks (new runs only)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--benchmark-only", action="store_true", help="score the checkpoint's EMA and exit")
+    parser.add_argument("--benchmark-only", action="store_true", help="print a table for the EMA (or --model)")
+    parser.add_argument("--model", type=Path, help="with --benchmark-only: a flux1-*.safetensors to score instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -279,7 +300,8 @@ def main() -> None:
         export_folder(trainer.ema, work, work / "exports" / f"step-{trainer.step:06d}")
 
     if args.benchmark_only:
-        evaluate(trainer)
+        model = trainer.ema if args.model is None else load_flux(args.model)
+        print(benchmark_table(model, encoder, args.eval_images))
         return
     if trainer.step == 0:
         evaluate(trainer)  # the untrained model, for the table
