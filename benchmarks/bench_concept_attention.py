@@ -89,15 +89,15 @@ def speed(tokens: int, reps: int, twin, model: Flux) -> None:
     runs = variants(model, twin, x, concept_txt)
     for fn in runs.values():  # warm-up
         fn()
-    times = {name: [] for name in runs}
+    times = {name: [] for name in runs}  # CPU seconds of this process: robust when others share the cores
     for _ in range(reps):
         for name, fn in runs.items():
-            times[name].append(timed(fn))
+            times[name].append(timed(fn)[1])
     med = {name: statistics.median(t) for name, t in times.items()}
 
     def row(label, name, base, goal):
         ratios = [a / b for a, b in zip(times[name], times[base])]
-        print(f"  {label:<36} {med[name]:8.3f} s vs {med[base]:8.3f} s  overhead {med[name] / med[base] - 1:+7.2%}"
+        print(f"  {label:<36} {med[name]:8.3f} s vs {med[base]:8.3f} s CPU  overhead {med[name] / med[base] - 1:+7.2%}"
               f"  (per-rep median {statistics.median(ratios) - 1:+7.2%}; goal {goal})")
 
     print(f"\n{tokens} image tokens + {TEXT} text tokens, {CONCEPTS} concepts, {torch.get_num_threads()} thread(s)")

@@ -1,6 +1,7 @@
 """flux_mini: a small, exact PyTorch implementation of Flux.1: transformer, autoencoder, sampling."""
 
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder, load_autoencoder
+from flux_mini.checkpoint import CheckpointError
 from flux_mini.loading import load_flux
 from flux_mini.model import Flux, FluxConfig
 from flux_mini.pipeline import FluxPipeline
@@ -8,6 +9,7 @@ from flux_mini.pipeline import FluxPipeline
 __all__ = [
     "AutoEncoder",
     "AutoEncoderConfig",
+    "CheckpointError",
     "Flux",
     "FluxConfig",
     "FluxPipeline",
