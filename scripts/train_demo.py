@@ -16,6 +16,7 @@ import io
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +260,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20_000, help="train until this step (resumes if possible)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="also applies when resuming")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-images", type=int, default=50)
@@ -278,7 +279,9 @@ def main() -> None:
     checkpoint = work / "checkpoint.pt"
     if checkpoint.exists():
         trainer = Trainer.resume(checkpoint)
-        print(f"resumed at step {trainer.step}")
+        if args.lr != trainer.config.lr:  # e.g. a lower learning rate for the last stretch
+            trainer = Trainer.resume(checkpoint, replace(trainer.config, lr=args.lr))
+        print(f"resumed at step {trainer.step}, lr {trainer.config.lr}")
     else:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
