@@ -509,7 +509,7 @@ class Flux(nn.Module):
         if concept_y is None:
             concept_y = concept_txt.new_zeros(concept_txt.shape[0], self.config.vec_in_dim)
         return ConceptStream(
-            tokens=self.txt_in(concept_txt),
+            tokens=few_token_linear(self.txt_in, concept_txt),
             vec=self.conditioning(timesteps, concept_y, guidance),
             attention=attention,
             cross_attention=cross_attention,
