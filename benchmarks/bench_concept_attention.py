@@ -147,7 +147,7 @@ def memory() -> None:
                              env=CHILD_ENV, check=True)
         grown, count = (int(v) for v in out.stdout.split())
         print(f"  {steps:>2} steps ({count:>3} layer maps averaged): +{grown / 2**20:7.1f} MiB")
-    per_layer = (CONCEPTS + 4096) * 3072 * 2 * 4  # concept + image vectors of one layer, float32
+    per_layer = (CONCEPTS + 4096) * 3072 * 4  # concept + image output vectors of one layer, float32
     print(f"  (storing raw vectors instead, as the authors' code does, would hold steps x layers x {per_layer / 2**20:.0f} MiB "
           f"at real size and 4096 tokens: {4 * 19 * per_layer / 2**30:.1f} GiB for 4 steps x 19 layers)")
 
