@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import MEDIUM, diffusers_twin, timed  # noqa: E402
+from bench_transformer import inputs as grid_inputs  # noqa: E402
 
 from concept_attention.maps import MapAccumulator, run_concept_layers  # noqa: E402
 from flux_mini.model import Flux  # noqa: E402
@@ -37,20 +38,9 @@ TEXT, CONCEPTS = 128, 10
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-def inputs(tokens: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    c = MEDIUM
+def inputs(tokens: int) -> dict:
     side = int(tokens**0.5)
-    ids = torch.zeros(side, side, 3)
-    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
-    return dict(
-        img=torch.randn(1, side * side, c.in_channels, generator=g),
-        img_ids=ids.reshape(1, side * side, 3),
-        txt=torch.randn(1, TEXT, c.context_in_dim, generator=g),
-        txt_ids=torch.zeros(1, TEXT, 3),
-        timesteps=torch.tensor([0.6]),
-        y=torch.randn(1, c.vec_in_dim, generator=g),
-    )
+    return grid_inputs(MEDIUM, grid=(side, side))
 
 
 def variants(model: Flux, twin, x: dict, concept_txt: torch.Tensor) -> dict:

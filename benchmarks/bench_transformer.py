@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flux_mini.convert import bfl_to_diffusers
+from flux_mini.convert import bfl_to_diffusers, diffusers_config
 from flux_mini.model import Flux, FluxConfig
 from flux_mini.tiny import randomize_
 
@@ -47,9 +47,9 @@ def forward_flops(c: FluxConfig, image_tokens: int, text_tokens: int) -> tuple[f
     return linear, attention
 
 
-def inputs(c: FluxConfig, seed: int = 0) -> dict:
+def inputs(c: FluxConfig, seed: int = 0, grid: tuple[int, int] = GRID) -> dict:
     g = torch.Generator().manual_seed(seed)
-    rows, cols = GRID
+    rows, cols = grid
     ids = torch.zeros(rows, cols, 3)
     ids[..., 1], ids[..., 2] = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
     return dict(
@@ -66,17 +66,7 @@ def diffusers_twin(model: Flux):
     from diffusers import FluxTransformer2DModel
 
     c = model.config
-    twin = FluxTransformer2DModel(
-        in_channels=c.in_channels,
-        num_layers=c.depth,
-        num_single_layers=c.depth_single_blocks,
-        attention_head_dim=c.head_dim,
-        num_attention_heads=c.num_heads,
-        joint_attention_dim=c.context_in_dim,
-        pooled_projection_dim=c.vec_in_dim,
-        guidance_embeds=c.guidance_embed,
-        axes_dims_rope=c.axes_dim,
-    )
+    twin = FluxTransformer2DModel(**diffusers_config(model.config))
     twin.load_state_dict(bfl_to_diffusers(model.state_dict()), strict=True)
     return twin.eval()
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flux_mini.model import FluxConfig
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -136,3 +138,46 @@ def diffusers_to_bfl(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         else:
             out[rule.bfl] = torch.cat(parts, dim=0)
     return out | rest
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def diffusers_config(config: FluxConfig) -> dict:
+    """The `FluxTransformer2DModel` config equivalent to `config` (spec §6.1). diffusers fixes the MLP
+    ratio at 4 and RoPE theta at 10000, so other values have no diffusers twin."""
+    if config.mlp_ratio != 4.0 or config.theta != 10_000:
+        raise ValueError(
+            f"diffusers' FluxTransformer2DModel fixes mlp_ratio 4 and theta 10000; this config has "
+            f"{config.mlp_ratio} and {config.theta}"
+        )
+    return dict(
+        patch_size=1,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_layers=config.depth,
+        num_single_layers=config.depth_single_blocks,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads,
+        joint_attention_dim=config.context_in_dim,
+        pooled_projection_dim=config.vec_in_dim,
+        guidance_embeds=config.guidance_embed,
+        axes_dims_rope=tuple(config.axes_dim),
+    )
+
+
+def config_from_diffusers(c: Mapping) -> FluxConfig:
+    """The FluxConfig of a diffusers transformer `config.json` (its `out_channels` may be null = in_channels)."""
+    return FluxConfig(
+        in_channels=c["in_channels"],
+        out_channels=c.get("out_channels") or c["in_channels"],
+        vec_in_dim=c["pooled_projection_dim"],
+        context_in_dim=c["joint_attention_dim"],
+        hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
+        num_heads=c["num_attention_heads"],
+        depth=c["num_layers"],
+        depth_single_blocks=c["num_single_layers"],
+        axes_dim=tuple(c["axes_dims_rope"]),
+        guidance_embed=c["guidance_embeds"],
+    )

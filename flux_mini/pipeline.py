@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flux_mini.autoencoder import AutoEncoder, IdentityAutoEncoder, load_autoencoder
+from flux_mini.convert import config_from_diffusers
 from flux_mini.loading import load_flux
 from flux_mini.model import Flux, FluxConfig
 from flux_mini.sampling import denoise, get_noise, get_schedule, image_ids, latent_size, pack, text_ids, unpack
@@ -151,18 +152,7 @@ def _flux_config(files: ModelFiles) -> FluxConfig | None:
         return None
     c = _read_json(diffusers_config)
     try:
-        return FluxConfig(
-            in_channels=c["in_channels"],
-            out_channels=c.get("out_channels") or c["in_channels"],
-            vec_in_dim=c["pooled_projection_dim"],
-            context_in_dim=c["joint_attention_dim"],
-            hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
-            num_heads=c["num_attention_heads"],
-            depth=c["num_layers"],
-            depth_single_blocks=c["num_single_layers"],
-            axes_dim=tuple(c["axes_dims_rope"]),
-            guidance_embed=c["guidance_embeds"],
-        )
+        return config_from_diffusers(c)
     except KeyError as e:
         raise ValueError(f"{diffusers_config} lacks {e}: it is not a diffusers FluxTransformer2DModel config") from None
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from flux_mini.checkpoint import read_safetensors
-from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl
+from flux_mini.convert import bfl_to_diffusers, diffusers_config, diffusers_to_bfl
 from flux_mini.loading import load_flux
 from flux_mini.model import Flux, FluxConfig
 from flux_mini.tiny import randomize_, tiny_flux_config
@@ -75,18 +75,7 @@ def inputs(config: FluxConfig, batch=2, text=7, rows=3, cols=5, seed=0):
 def diffusers_model(config: FluxConfig, diffusers_state: dict):
     from diffusers import FluxTransformer2DModel
 
-    model = FluxTransformer2DModel(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        num_layers=config.depth,
-        num_single_layers=config.depth_single_blocks,
-        attention_head_dim=config.head_dim,
-        num_attention_heads=config.num_heads,
-        joint_attention_dim=config.context_in_dim,
-        pooled_projection_dim=config.vec_in_dim,
-        guidance_embeds=config.guidance_embed,
-        axes_dims_rope=config.axes_dim,
-    )
+    model = FluxTransformer2DModel(**diffusers_config(config))
     model.load_state_dict(diffusers_state, strict=True)
     return model.eval()
 

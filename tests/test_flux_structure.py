@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl
+from flux_mini.convert import bfl_to_diffusers, config_from_diffusers, diffusers_config, diffusers_to_bfl
 from flux_mini.loading import infer_config
 from flux_mini.model import PRESETS, Flux, FluxConfig
 
@@ -72,18 +72,7 @@ def test_full_size_conversion_equals_diffusers(name):
     shapes = spec_keys(name)["keys"]
     ours = bfl_to_diffusers(meta_state(shapes))
     with torch.device("meta"):
-        reference_model = FluxTransformer2DModel(
-            in_channels=params["in_channels"],
-            out_channels=params["out_channels"],
-            num_layers=params["depth"],
-            num_single_layers=params["depth_single_blocks"],
-            attention_head_dim=params["hidden_size"] // params["num_heads"],
-            num_attention_heads=params["num_heads"],
-            joint_attention_dim=params["context_in_dim"],
-            pooled_projection_dim=params["vec_in_dim"],
-            guidance_embeds=params["guidance_embed"],
-            axes_dims_rope=tuple(params["axes_dim"]),
-        )
+        reference_model = FluxTransformer2DModel(**diffusers_config(FluxConfig(**params)))
     expected = {k: tuple(v.shape) for k, v in reference_model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ours.items()} == expected
     assert len(expected) == (1160 if params["guidance_embed"] else 1156)
@@ -99,3 +88,11 @@ def test_full_size_conversion_equals_diffusers(name):
         assert torch.equal(ours[key], reference[key]), key
     back = diffusers_to_bfl(ours)
     assert set(back) == set(ids) and all(torch.equal(back[k], ids[k]) for k in ids)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_diffusers_config_round_trip(name):
+    config = FluxConfig.from_preset(name)
+    assert config_from_diffusers(diffusers_config(config)) == config
+    with pytest.raises(ValueError, match="mlp_ratio 4"):
+        diffusers_config(FluxConfig(mlp_ratio=2.0))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from flux_mini import autoencoder as ae_module
 from flux_mini.cli import main
-from flux_mini.convert import bfl_to_diffusers
+from flux_mini.convert import bfl_to_diffusers, diffusers_config
 from flux_mini.pipeline import FluxPipeline
 from flux_mini.text_encoders import MissingFilesError
 from flux_mini.tiny import build_tiny_weights
@@ -93,18 +93,7 @@ def diffusers_pipeline(pipe: FluxPipeline):
     from diffusers import FluxPipeline as DiffusersFluxPipeline
 
     c = pipe.model.config
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=c.in_channels,
-        num_layers=c.depth,
-        num_single_layers=c.depth_single_blocks,
-        attention_head_dim=c.head_dim,
-        num_attention_heads=c.num_heads,
-        joint_attention_dim=c.context_in_dim,
-        pooled_projection_dim=c.vec_in_dim,
-        guidance_embeds=c.guidance_embed,
-        axes_dims_rope=c.axes_dim,
-    )
+    transformer = FluxTransformer2DModel(**diffusers_config(c))
     transformer.load_state_dict(bfl_to_diffusers(pipe.model.state_dict()), strict=True)
     a = pipe.autoencoder.config
     vae = AutoencoderKL(
