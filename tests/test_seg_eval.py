@@ -1,6 +1,6 @@
 """The evaluation loop: scoring by hand, a perfect oracle, pass grouping, resume after an interruption,
-configuration checks, CLI overrides, and end-to-end runs of the real pipeline on a tiny random model
-(in one process and sharded over two torchrun processes)."""
+configuration checks, the reference lines (predict-background, a baseline model), CLI overrides, and end-to-end
+runs of the real pipeline on tiny random models (in one process and sharded over two torchrun processes)."""
 
 import argparse
 import hashlib
@@ -19,8 +19,8 @@ from PIL import Image
 
 from concept_attention.segmentation.datasets import IGNORE_LABEL, SegSample
 from concept_attention.segmentation.evaluate import (
-    METHODS, EvalConfig, EvalError, add_eval_arguments, evaluate, load_records, protocol_from_args, run_eval,
-    score_maps,
+    DEFAULT_METHODS, METHODS, EvalConfig, EvalError, add_eval_arguments, evaluate, load_records, protocol_from_args,
+    run_eval, score_maps,
 )
 from concept_attention.segmentation.protocols import PRESETS, SegProtocol, Vocabulary, get_preset
 
@@ -204,6 +204,113 @@ def test_binary_protocol_refuses_multiclass_data(tmp_path):
         evaluate(painted_dataset(1), PaintedProvider(), config, tmp_path, progress=False, plots=False)
 
 
+# ---- reference lines: predict-background and a baseline model ------------------------------------------------
+
+def no_model(device):
+    raise AssertionError("predict_background must not load a model")
+
+
+def test_predict_background_by_hand(tmp_path):
+    names = ["grass", "sky", "circle", "square"]
+    mask = np.array([[1, 1, 1, 1],
+                     [1, 2, 2, 1],
+                     [1, 2, 2, 255],
+                     [3, 3, 1, 1]])
+    sample = SegSample(Image.new("RGB", (4, 4)), mask, names, "img0", caption="a circle", background_label=1)
+    proto = protocol(eval_size=4, background_concepts=(), caption_template="{caption}")
+    summary = evaluate([sample], no_model, EvalConfig("toy", proto, methods=("predict_background",)), tmp_path,
+                       progress=False, plots=False)
+    row = summary["predict_background"]
+    # 15 scored pixels, all predicted "sky": 9 right, 4 circle and 2 square pixels wrong
+    confusion = np.asarray(load_records(tmp_path)[0]["scores"]["predict_background"]["confusion"])
+    expected = np.zeros((4, 4), np.int64)
+    expected[1:, 1] = [9, 4, 2]
+    assert np.array_equal(confusion, expected)
+    assert row["pixel_accuracy"] == pytest.approx(9 / 15)
+    assert row["miou"] == pytest.approx((9 / 15 + 0 + 0) / 3)        # grass neither labelled nor predicted
+    # AP of the one-hot background score: offered classes sky, circle, square (K = 3), background fraction f
+    keep = mask != 255
+    onehot_truth = np.concatenate([mask[keep] == label for label in (1, 2, 3)])
+    onehot_score = np.concatenate([np.full(15, float(label == 1)) for label in (1, 2, 3)])
+    paper = sklearn_metrics.average_precision_score(onehot_truth, onehot_score)
+    f = 9 / 15
+    assert row["map_paper"] == pytest.approx(paper) and paper == pytest.approx(f * f + (1 - f) / 3)
+    # per-class AP of a constant score is the class's pixel fraction: mean (9 + 4 + 2) / 15 / 3 = 1/3
+    assert row["map_foreground"] == pytest.approx(1 / 3)
+
+
+def test_predict_background_binary_mean_threshold():
+    proto = protocol(task="binary", threshold="mean", class_first=True, eval_size=2, ap_minmax=True,
+                     background_concepts=("background", "floor"))
+    sample = SegSample(Image.new("RGB", (2, 2)), np.array([[0, 1], [1, 1]]), ["background", "cat"], "img0")
+    from concept_attention.segmentation.evaluate import background_maps, evaluate_image
+
+    config = EvalConfig("toy", proto, methods=("predict_background",))
+    score = evaluate_image(lambda: no_model("cpu"), sample, config, 2)["predict_background"]
+    assert score.prediction.tolist() == [[0, 0], [0, 0]] and score.confusion.tolist() == [[1, 0], [3, 0]]
+    assert background_maps(Vocabulary(["cat", "background", "floor"], [1, 0, 0], ""), 0).ravel().tolist() == [
+        0.0, 0.5, 0.5]
+    with pytest.raises(EvalError, match="background label 0"):
+        background_maps(Vocabulary(["cat"], [1], ""), 0)
+
+
+def test_shapes_background_label_is_each_images_background_word(tmp_path):
+    from concept_attention.segmentation.datasets import ShapesSegmentation
+    from concept_attention.shapes import ShapesDataset
+
+    data, raw = ShapesSegmentation("6:1"), ShapesDataset(6, seed=1)
+    for sample, original in zip(data, raw):
+        assert data.class_names[sample.background_label] == original.class_names[0]
+    # pooled pixel accuracy of predict_background = the pooled background area of the generator's own record
+    summary = evaluate(data, no_model, EvalConfig("shapes", get_preset("shapes"), methods=("predict_background",)),
+                       tmp_path, progress=False, plots=False)
+    background = np.mean([s.areas[s.class_names[0]] for s in raw])
+    assert summary["predict_background"]["pixel_accuracy"] == pytest.approx(background)
+
+
+def baseline_config(**changes) -> EvalConfig:
+    return EvalConfig("painted", protocol(), methods=("concept_attention", "value_space", "predict_background"),
+                      baseline="untrained", **changes)
+
+
+def test_baseline_rows_come_from_the_baseline_model(tmp_path):
+    data = painted_dataset(5)
+    config = baseline_config(sweep_t=(0.25,))
+    trained, untrained = PaintedProvider(), PaintedProvider(noise=0.8)
+    summary = evaluate(data, trained, config, tmp_path / "both", progress=False, plots=False, baseline=untrained)
+    alone = evaluate(data, PaintedProvider(noise=0.8), EvalConfig("painted", protocol(), sweep_t=(0.25,),
+                     methods=("concept_attention", "value_space")), tmp_path / "alone", progress=False, plots=False)
+    assert list(summary) == ["concept_attention", "value_space", "predict_background", "untrained: concept_attention",
+                             "untrained: value_space", "concept_attention@t=0.25", "value_space@t=0.25",
+                             "untrained: concept_attention@t=0.25", "untrained: value_space@t=0.25"]
+    for key in ("concept_attention", "value_space", "concept_attention@t=0.25"):
+        assert summary[f"untrained: {key}"] == alone[key]
+    assert summary["concept_attention"]["miou"] == 1.0 and alone["concept_attention"]["miou"] < 0.9
+    assert len(untrained.calls) == len(trained.calls) == 5 * 2          # t = 0.5 and 0.25, no background pass
+    assert "| untrained: value_space | 5 |" in (tmp_path / "both" / "summary.md").read_text()
+
+
+def test_resume_with_a_baseline_is_identical(tmp_path):
+    data = painted_dataset(5)
+    config = baseline_config()
+    clean = evaluate(data, PaintedProvider(noise=0.3), config, tmp_path / "clean", progress=False, plots=False,
+                     baseline=PaintedProvider(noise=0.6))
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupted):                     # the baseline dies on image 3, after the model's pass
+        evaluate(data, PaintedProvider(noise=0.3), config, out, progress=False, plots=False,
+                 baseline=PaintedProvider(noise=0.6, fail_after=3))
+    assert sorted(load_records(out)) == [0, 1, 2]
+    trained, untrained = PaintedProvider(noise=0.3), PaintedProvider(noise=0.6)
+    resumed = evaluate(data, trained, config, out, progress=False, plots=False, baseline=untrained)
+    assert len(trained.calls) == len(untrained.calls) == 2
+    assert resumed == clean
+    with pytest.raises(EvalError, match="differs in: baseline"):
+        evaluate(data, PaintedProvider(), replace(config, baseline="other"), out, progress=False, plots=False,
+                 baseline=PaintedProvider())
+    with pytest.raises(EvalError, match="baseline model exactly when"):
+        evaluate(data, PaintedProvider(), config, out, progress=False, plots=False)
+
+
 # ---- presets and CLI -----------------------------------------------------------------------------------------
 
 def parse(*argv):
@@ -238,6 +345,8 @@ def test_cli_overrides():
     assert protocol_from_args(parse("--dataset", "imagenet-seg", "--out", "x")).name == "paper-imagenet"
     with pytest.raises(SystemExit, match="unknown methods"):
         run_eval(parse("--dataset", "shapes", "--out", "x", "--methods", "daam"))
+    with pytest.raises(SystemExit, match="non-empty --baseline-name"):
+        run_eval(parse("--dataset", "shapes", "--out", "x", "--baseline-weights", "y", "--baseline-name", " "))
 
 
 # ---- end to end: the real pipeline on a tiny random model ----------------------------------------------------
@@ -315,3 +424,27 @@ def test_tiny_model_two_torchrun_processes_merge_exactly(tiny_weights, tiny_run,
 
 def load_records_file(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pixel_space_pair(tmp_path_factory):
+    """Two tiny random pixel-space models of one architecture (as the demo model: 32x32 RGB in 2x2 patches)."""
+    tiny = pytest.importorskip("flux_mini.tiny")
+    folder = tmp_path_factory.mktemp("pixel")
+    return [tiny.build_tiny_weights(folder / f"seed{seed}", seed=seed, pixel_space=True) for seed in (0, 1)]
+
+
+def test_cli_baseline_rows_equal_the_baseline_model_alone(pixel_space_pair, tmp_path):
+    trained, untrained = pixel_space_pair
+    common = ["--dataset", "shapes", "--data", "2:1", "--no-progress", "--no-plots", "--num-samples", "1"]
+    assert run_eval(parse(*common, "--weights", str(trained), "--baseline-weights", str(untrained),
+                          "--out", str(tmp_path / "both"))) == 0
+    assert run_eval(parse(*common, "--weights", str(untrained), "--out", str(tmp_path / "alone"))) == 0
+    both = json.loads((tmp_path / "both" / "summary.json").read_text())
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())["results"]
+    assert both["config"]["methods"] == [*DEFAULT_METHODS, "predict_background"]     # the shapes preset's line
+    for method in DEFAULT_METHODS:
+        assert both["results"][f"untrained: {method}"] == alone[method]
+    assert both["results"]["predict_background"] == alone["predict_background"]
+    assert "untrained: predict_background" not in both["results"]
+    assert both["results"]["concept_attention"] != alone["concept_attention"]      # two different models

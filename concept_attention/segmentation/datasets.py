@@ -35,6 +35,7 @@ class SegSample:
     class_names: list[str]      # label -> name; len(class_names) is the number of classes scored
     image_id: str
     caption: str | None = None  # the dataset's own caption, when it has one (caption template "{caption}")
+    background_label: int = 0   # the label of this image's background (shapes: its own background word)
 
     def present_labels(self) -> list[int]:
         """Object labels present in the mask (background and ignore excluded), ascending."""
@@ -264,7 +265,8 @@ class FolderDataset(Sequence[SegSample]):
 
 class ShapesSegmentation(Sequence[SegSample]):
     """`--data LENGTH[:SEED]` images of concept_attention.shapes; each image's local labels (0 = its background
-    word, 1.. = its shapes) become indices into one shared list: the background words, then the shape words."""
+    word, 1.. = its shapes) become indices into one shared list: the background words, then the shape words.
+    Seed 1 (the default) is the demo model's held-out stream (scripts/train_demo.py trains on seed 0)."""
 
     def __init__(self, spec: str | Path | None):
         from concept_attention.shapes import ShapesConfig, ShapesDataset
@@ -283,7 +285,8 @@ class ShapesSegmentation(Sequence[SegSample]):
     def __getitem__(self, index: int) -> SegSample:
         sample = self._data[index]
         to_global = np.array([self.class_names.index(name) for name in sample.class_names])
-        return SegSample(sample.image, to_global[sample.mask], list(self.class_names), sample.image_id, sample.caption)
+        return SegSample(sample.image, to_global[sample.mask], list(self.class_names), sample.image_id, sample.caption,
+                         background_label=int(to_global[0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 One `encode_image` per image and concept-stream configuration (ConceptAttention, the cross-attention baseline
 and the value-space ablation come from the same pass; the self/cross-only ablations and each swept t need their
-own). Per-image integer counts and AP values are appended as JSON lines, so an interrupted run resumes where it
-stopped, a finished run is never recomputed, and shards merge exactly.
+own). Two reference lines put the numbers in context: `predict_background` (no model: the image's background label
+everywhere) and an optional baseline model (e.g. the same architecture untrained) scored with the same methods on
+the same images, as rows "NAME: method". Per-image integer counts and AP values of every row are appended as one
+JSON line, so an interrupted run resumes where it stopped (for both models), a finished run is never recomputed,
+and shards merge exactly.
 
 Output folder: config.json (what produced the numbers), results.rank{R}.jsonl, summary.json, summary.md,
 plots/*.png.
@@ -60,8 +63,8 @@ class MapProvider(Protocol):
 
 @dataclass(frozen=True)
 class Method:
-    attention: str   # concept-stream attention of the pass: "both" | "cross" | "self" | "none"
-    space: str       # which maps: "output" | "cross_attention" | "value"
+    attention: str | None   # concept-stream attention of the pass: "both" | "cross" | "self" | "none"; None = no pass
+    space: str              # which maps: "output" | "cross_attention" | "value" | "background" (no model)
 
 
 METHODS: dict[str, Method] = {
@@ -71,9 +74,15 @@ METHODS: dict[str, Method] = {
     "ablation_cross_only": Method("cross", "output"),     # concepts attend to the image only
     "ablation_self_only": Method("self", "output"),       # concepts attend to each other only
     "ablation_no_attention": Method("none", "output"),    # o_c = v_c
+    "predict_background": Method(None, "background"),      # reference line: the image's background label everywhere
 }
 MAP_FIELDS = {"output": "concept_maps", "cross_attention": "cross_attention_maps", "value": "value_maps"}
 DEFAULT_METHODS = ("concept_attention", "cross_attention", "value_space")
+PRESET_METHODS = {"shapes": (*DEFAULT_METHODS, "predict_background")}   # the demo benchmark has its reference line
+
+
+def default_methods(preset: str) -> tuple[str, ...]:
+    return PRESET_METHODS.get(preset, DEFAULT_METHODS)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class EvalConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     per_layer: bool = False                 # also score every layer alone (keys "method@layer=L")
     sweep_t: tuple[float, ...] = ()         # also score these noise levels (keys "method@t=T")
+    baseline: str | None = None             # name of a second model scored alike (keys "NAME: method...")
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -94,18 +104,40 @@ class EvalConfig:
             raise EvalError("--per-layer needs explicit --layers (the layer numbers label the curve)")
         if any(not 0.0 <= t <= 1.0 for t in self.sweep_t):
             raise EvalError(f"--sweep-t values must be in [0, 1], got {list(self.sweep_t)}")
+        if self.baseline is not None and (not self.baseline.strip() or not self.model_methods):
+            raise EvalError("a baseline model needs a non-empty --baseline-name and at least one model-based method "
+                            f"(--methods: {', '.join(m for m in METHODS if METHODS[m].attention is not None)})")
+
+    @property
+    def model_methods(self) -> tuple[str, ...]:
+        """The methods that read maps from a model pass (all but the model-free reference line)."""
+        return tuple(m for m in self.methods if METHODS[m].attention is not None)
+
+    def baseline_key(self, key: str) -> str:
+        return f"{self.baseline}: {key}"
+
+    def baseline_config(self) -> "EvalConfig":
+        """What the baseline model computes: the model-based methods, sweeps and layers, no baseline of its own."""
+        return replace(self, methods=self.model_methods, baseline=None)
+
+    def curves(self) -> list[str]:
+        """The lines of the per-layer and per-t plots: each model method, then the baseline's."""
+        return [*self.model_methods, *(self.baseline_key(m) for m in self.model_methods if self.baseline)]
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "protocol": self.protocol.to_dict(), "methods": list(self.methods),
-                "per_layer": self.per_layer, "sweep_t": list(self.sweep_t)}
+                "per_layer": self.per_layer, "sweep_t": list(self.sweep_t), "baseline": self.baseline}
 
     def keys(self) -> list[str]:
-        """Result keys in table order: each method, then its timestep sweep, then its layers."""
-        keys = list(self.methods)
-        keys += [t_key(m, t) for m in self.methods for t in self.sweep_t]
+        """Result keys in table order: each method, the baseline's methods, then the timestep sweeps, then the
+        layers (the model's, then the baseline's)."""
+        models = self.model_methods
+        extra = [t_key(m, t) for m in models for t in self.sweep_t]
         if self.per_layer:
-            keys += [layer_key(m, layer) for m in self.methods for layer in self.protocol.layers]
-        return keys
+            extra += [layer_key(m, layer) for m in models for layer in self.protocol.layers]
+        if not self.baseline:
+            return [*self.methods, *extra]
+        return [*self.methods, *map(self.baseline_key, models), *extra, *map(self.baseline_key, extra)]
 
 
 def t_key(method: str, t: float) -> str:
@@ -179,22 +211,38 @@ def score_maps(maps: torch.Tensor, vocab: Vocabulary, target: np.ndarray, protoc
                       prediction, channels)
 
 
-def evaluate_image(provider: MapProvider, sample: SegSample, config: EvalConfig,
+def background_maps(vocab: Vocabulary, background_label: int) -> torch.Tensor:
+    """The predict-background reference line as (r, 1, 1) maps: an equal share on the concepts of the image's
+    background label, zero elsewhere. Argmax (and the binary mean threshold) then predicts the background
+    everywhere, and every AP is that of a constant score: chance, i.e. the pixel fraction of the class."""
+    on = torch.tensor([label == background_label for label in vocab.labels], dtype=torch.float64)
+    if not on.any():
+        raise EvalError(f"predict_background: no offered concept has the image's background label {background_label} "
+                        "(give background words with --background-concepts, or drop the method)")
+    return (on / on.sum())[:, None, None]
+
+
+def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, config: EvalConfig,
                    num_classes: int) -> dict[str, ImageScore]:
-    """Every result key of `config` for one image, with one encode pass per (attention, t) configuration."""
+    """The result keys of one model (all of `config`'s but the baseline's) for one image, with one encode pass
+    per (attention, t) configuration; `get_provider` is called only when a pass is needed."""
     protocol = config.protocol
     target = resize_mask(sample.mask, protocol.eval_size)
     vocab = vocabulary(sample, target, protocol)
     image = prepare_image(sample.image, protocol)
+    results = {}
     wanted: dict[tuple[str, float | None], list[tuple[str, str, bool]]] = {}   # pass -> (key, method, per layer)
     for method in config.methods:
+        if METHODS[method].attention is None:
+            results[method] = score_maps(background_maps(vocab, sample.background_label), vocab, target, protocol,
+                                         num_classes)
+            continue
         wanted.setdefault((METHODS[method].attention, protocol.t), []).append((method, method, config.per_layer))
         for t in config.sweep_t:
             wanted.setdefault((METHODS[method].attention, t), []).append((t_key(method, t), method, False))
-    results = {}
     for (attention, t), jobs in wanted.items():
         per_layer = any(job[2] for job in jobs)
-        out = provider.encode_image(
+        out = get_provider().encode_image(
             image, vocab.concepts, prompt=vocab.prompt, noise_timestep=protocol.noise_timestep,
             num_steps=protocol.num_steps, t=t, num_samples=protocol.num_samples, seed=protocol.seed,
             layer_indices=list(protocol.layers) if protocol.layers is not None else None,
@@ -280,7 +328,8 @@ def _check_config(out_dir: Path, config: EvalConfig, overwrite: bool, ctx: DistC
     stored = json.loads(path.read_text())
     if stored != json.loads(json.dumps(config.to_dict())):
         changed = sorted(k for k in stored["protocol"] if stored["protocol"][k] != config.protocol.to_dict().get(k))
-        changed += [k for k in ("dataset", "methods", "per_layer", "sweep_t") if stored[k] != config.to_dict()[k]]
+        changed += [k for k in ("dataset", "methods", "per_layer", "sweep_t", "baseline")
+                    if stored.get(k) != config.to_dict()[k]]
         raise EvalError(f"{out_dir} holds results of another configuration (differs in: {', '.join(changed)}); "
                         "use another --out, or --overwrite to start again")
 
@@ -303,11 +352,15 @@ def evaluate(
     overwrite: bool = False,
     device: str | None = None,
     num_examples: int = 3,
+    baseline: MapProvider | Callable[[str], MapProvider] | None = None,
 ) -> dict[str, dict]:
     """Run (or resume) the benchmark into `out_dir` and return the summary {key: metrics}.
 
-    `provider` is a map provider or a factory device -> provider, called only when there is work left.
-    Under torchrun, each rank takes every world_size-th image and rank 0 writes the summary and plots."""
+    `provider` (and `baseline`, the model of `config.baseline`) is a map provider or a factory device -> provider,
+    called only when there is work left. Under torchrun, each rank takes every world_size-th image and rank 0
+    writes the summary and plots."""
+    if (baseline is None) != (config.baseline is None):
+        raise EvalError("pass a baseline model exactly when the configuration names one (--baseline-weights)")
     out_dir = Path(out_dir)
     ctx = init_distributed(device)
     try:
@@ -319,6 +372,15 @@ def evaluate(
         todo = ctx.shard([i for i in range(total) if i not in done])
         main_key = config.methods[0]
         get_provider = _lazy(provider, ctx.device)
+        get_baseline = _lazy(baseline, ctx.device)
+
+        def score_image(sample: SegSample) -> dict[str, ImageScore]:
+            scores = evaluate_image(get_provider, sample, config, num_classes)
+            if config.baseline:
+                of_baseline = evaluate_image(get_baseline, sample, config.baseline_config(), num_classes)
+                scores.update((config.baseline_key(key), score) for key, score in of_baseline.items())
+            return scores
+
         if todo:
             running = PooledScores(num_classes)
             for index in sorted(done):
@@ -335,7 +397,7 @@ def evaluate(
                     file.write("\n")
                 for index in bar:
                     sample = dataset[index]
-                    scores = evaluate_image(get_provider(), sample, config, num_classes)
+                    scores = score_image(sample)
                     record = {"index": index, "image_id": sample.image_id,
                               "scores": {key: scores[key].record() for key in config.keys()}}
                     file.write(json.dumps(record) + "\n")
@@ -361,9 +423,9 @@ def evaluate(
         ctx.close()
 
 
-def _lazy(provider, device: str) -> Callable[[], MapProvider]:
+def _lazy(provider, device: str) -> Callable[[], MapProvider | None]:
     """The provider, built on first use when a factory was given (a finished run never loads the model)."""
-    if hasattr(provider, "encode_image"):
+    if provider is None or hasattr(provider, "encode_image"):
         return lambda: provider
     built: list[MapProvider] = []
 
@@ -415,13 +477,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "('label,name', 0 = background). Launch with torchrun --nproc_per_node N to shard over processes.")
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data", default=None,
-                        help="gtsegs_ijcv.mat | VOCdevkit/VOC2012 | a folder | shapes: LENGTH[:SEED]")
+                        help="gtsegs_ijcv.mat | VOCdevkit/VOC2012 | a folder | shapes: LENGTH[:SEED] "
+                             "(default 200:1, the demo model's held-out images)")
     parser.add_argument("--weights", type=Path, default=None, help="model folder (Flux.1 schnell for the paper)")
+    parser.add_argument("--baseline-weights", type=Path, default=None,
+                        help="a second model folder (e.g. the same model untrained) scored with the same methods "
+                             "on the same images, as rows 'NAME: method'")
+    parser.add_argument("--baseline-name", default="untrained", help="NAME of those rows (default: untrained)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="protocol preset (default: the dataset's: imagenet-seg -> paper-imagenet, ...)")
     parser.add_argument("--out", type=Path, required=True, help="results folder (resumed when it exists)")
-    parser.add_argument("--methods", type=_words, default=DEFAULT_METHODS,
-                        help=f"comma list from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--methods", type=_words, default=None,
+                        help=f"comma list from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                             "the shapes preset adds predict_background)")
     parser.add_argument("--per-layer", action="store_true", help="also score each layer alone (per-layer curve)")
     parser.add_argument("--sweep-t", type=_floats, default=(), help="also score these t values, e.g. 0.25,0.5,0.75")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -476,20 +544,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def run_eval(args: argparse.Namespace) -> int:
     """`concept-attention eval`: returns the exit code; bad input exits with one readable line."""
     try:
-        config = EvalConfig(args.dataset, protocol_from_args(args), tuple(args.methods), args.per_layer,
-                            tuple(args.sweep_t))
+        protocol = protocol_from_args(args)
+        methods = tuple(args.methods or default_methods(protocol.name))
+        baseline = args.baseline_name if args.baseline_weights is not None else None
+        config = EvalConfig(args.dataset, protocol, methods, args.per_layer, tuple(args.sweep_t), baseline)
         dataset = load_dataset(args.dataset, args.data)
 
-        def build(device: str) -> MapProvider:
-            if args.weights is None:
-                raise EvalError("pass --weights DIR (the model folder) to compute maps")
-            from concept_attention.pipeline import ConceptAttentionPipeline
+        def pipeline(folder: Path | None, option: str) -> Callable[[str], MapProvider]:
+            def build(device: str) -> MapProvider:
+                if folder is None:
+                    raise EvalError(f"pass {option} DIR (the model folder) to compute maps")
+                from concept_attention.pipeline import ConceptAttentionPipeline
 
-            return ConceptAttentionPipeline.from_folder(args.weights, device=device, dtype=DTYPES[args.dtype])
+                return ConceptAttentionPipeline.from_folder(folder, device=device, dtype=DTYPES[args.dtype])
+            return build
 
         start = time.perf_counter()
-        summary = evaluate(dataset, build, config, args.out, limit=args.limit, progress=not args.no_progress,
-                           plots=not args.no_plots, overwrite=args.overwrite, device=args.device)
+        summary = evaluate(dataset, pipeline(args.weights, "--weights"), config, args.out, limit=args.limit,
+                           progress=not args.no_progress, plots=not args.no_plots, overwrite=args.overwrite,
+                           device=args.device,
+                           baseline=pipeline(args.baseline_weights, "--baseline-weights") if baseline else None)
     except (EvalError, ProtocolError, DatasetError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if summary:

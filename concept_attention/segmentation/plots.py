@@ -42,7 +42,7 @@ def _curve(summary: dict, methods: Sequence[str], keys_of: Callable[[str], list[
 
 def layer_curve(summary: dict, config, path: Path) -> None:
     layers = list(config.protocol.layers)
-    _curve(summary, config.methods, lambda m: [(layer, f"{m}@layer={layer}") for layer in layers],
+    _curve(summary, config.curves(), lambda m: [(layer, f"{m}@layer={layer}") for layer in layers],
            "layer (double blocks 0.., single blocks after)", f"{config.protocol.name}: one layer at a time", path)
 
 
@@ -50,7 +50,7 @@ def timestep_curve(summary: dict, config, path: Path) -> None:
     points = {t: "{m}@t=%g" % t for t in config.sweep_t}
     if config.protocol.t is not None:
         points[config.protocol.t] = "{m}"                        # the main run is the point at the protocol's t
-    _curve(summary, config.methods, lambda m: [(t, points[t].format(m=m)) for t in sorted(points)],
+    _curve(summary, config.curves(), lambda m: [(t, points[t].format(m=m)) for t in sorted(points)],
            "noise level t", f"{config.protocol.name}: encode at noise level t", path)
 
 
@@ -90,10 +90,10 @@ def make_plots(out_dir: Path, summary: dict, config, records: dict[int, dict], d
     ranked = sorted(records, key=lambda i: (mean_iou(np.asarray(records[i]["scores"][main]["confusion"])), i))
     best = ranked[::-1][:num_examples]
     chosen = best + [i for i in ranked[:num_examples] if i not in best]
-    only_main = replace(config, methods=(main,), per_layer=False, sweep_t=())
+    only_main = replace(config, methods=(main,), per_layer=False, sweep_t=(), baseline=None)
     rows = []
     for index in chosen:
         sample = dataset[index]
-        score = evaluate_image(get_provider(), sample, only_main, num_classes)[main]
+        score = evaluate_image(get_provider, sample, only_main, num_classes)[main]
         rows.append((f"{sample.image_id}: mIoU {100 * mean_iou(score.confusion):.1f}", sample, score))
     example_grid(rows, config.protocol.eval_size, num_classes, grid)

@@ -106,12 +106,13 @@ PRESETS: dict[str, SegProtocol] = {
         threshold="argmax", eval_size=64, pipeline_size=1024, input_size=None, input_resample="nearest",
         t=VOC_T, noise_timestep=3, num_steps=4, num_samples=1, seed=0, layers=(14, 15, 16, 17),
         normalize="linear", softmax=False, blur=False, ap_minmax=False),
-    # The synthetic shapes (concept_attention/shapes.py): the background word of each image is a class of
-    # its own, images keep their size (32), the pipeline's default layers. Values to be tuned with the demo model.
+    # The synthetic shapes (concept_attention/shapes.py) for the demo model: the background word of each image
+    # is a class of its own, images keep their size (32), t = 0.5, two noise samples, the pipeline's default
+    # layers (the last four double blocks = all four of the demo model's), softmax, argmax.
     "shapes": SegProtocol(
         name="shapes", task="multiclass", background_concepts=(), class_first=False,
         threshold="argmax", eval_size=32, pipeline_size=None, input_size=None, input_resample="nearest",
-        t=0.5, noise_timestep=2, num_steps=4, num_samples=1, seed=0, layers=None,
+        t=0.5, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=None,
         normalize=None, softmax=True, blur=False, ap_minmax=False, caption_template="{caption}"),
 }
 
