@@ -325,7 +325,7 @@ def _check_config(out_dir: Path, config: EvalConfig, overwrite: bool, ctx: DistC
         if not path.exists():
             path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     ctx.barrier()
-    stored = json.loads(path.read_text())
+    stored = {"baseline": None, **json.loads(path.read_text())}     # folders written before baselines existed
     if stored != json.loads(json.dumps(config.to_dict())):
         changed = sorted(k for k in stored["protocol"] if stored["protocol"][k] != config.protocol.to_dict().get(k))
         changed += [k for k in ("dataset", "methods", "per_layer", "sweep_t", "baseline")
