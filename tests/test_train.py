@@ -1,7 +1,9 @@
 """The rectified-flow trainer: objective and sign conventions, learning, exact resume, export layout."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +165,41 @@ def test_export_is_the_official_layout_and_loads_strictly(tmp_path):
     ema = trainer.ema.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in loaded.state_dict().items())
     assert not all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped demo model (weights/demo/, trained by scripts/train_demo.py)
+
+DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
+# Reference colours of the dataset's words, written out here rather than imported from the generator.
+PALETTE = {
+    "grass": (62, 140, 48), "sky": (130, 185, 235), "sand": (212, 186, 136), "night": (18, 22, 58),
+    "circle": (214, 40, 40), "square": (140, 60, 205), "triangle": (245, 205, 35),
+}
+
+
+def colour_shares(image) -> dict[str, float]:
+    """Fraction of pixels whose nearest palette colour is each word's."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).reshape(-1, 3))  # (H*W, 3)
+    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32)
+    nearest = torch.cdist(pixels, palette).argmin(dim=1)
+    return {word: (nearest == i).float().mean().item() for i, word in enumerate(PALETTE)}
+
+
+def test_shipped_demo_model_loads_strictly_and_draws_its_captions():
+    model = load_flux(DEMO / "flux1-demo.safetensors")  # strict: every official key present, nothing extra
+    assert model.config.to_dict() == json.loads((DEMO / "flux_config.json").read_text())
+    assert sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file()) < 30e6
+
+    from flux_mini.pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_folder(DEMO)
+    captions = {"a circle on grass": ("grass", "circle"), "a square at night": ("night", "square"),
+                "a triangle in the sky": ("sky", "triangle")}
+    images = pipe(list(captions), width=32, height=32, seed=0, progress=False)
+    for (caption, (background, shape)), image in zip(captions.items(), images):
+        shares = colour_shares(image)
+        assert shares[background] > 0.4, (caption, shares)
+        assert 0.05 < shares[shape] < 0.6, (caption, shares)
+        others = [w for w in ("circle", "square", "triangle") if w != shape]
+        assert all(shares[w] < shares[shape] / 2 for w in others), (caption, shares)
