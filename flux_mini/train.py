@@ -231,7 +231,9 @@ class Trainer:
         return trainer
 
 
-def export_transformer(model: Flux, folder: str | Path, name: str = "flux1-demo", dtype: torch.dtype = torch.float32) -> Path:
+def export_transformer(
+    model: Flux, folder: str | Path, name: str = "flux1-demo", dtype: torch.dtype = torch.float32
+) -> Path:
     """Write `{name}.safetensors` (official BFL keys, config in the metadata) and `flux_config.json`.
 
     The rest of a pipeline folder (autoencoder, t5/, clip/) belongs to the caller."""

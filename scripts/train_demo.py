@@ -210,7 +210,8 @@ def benchmark_table(model: Flux, encoder: CaptionEncoder, num_images: int) -> st
         f"double blocks {depth - 2}-{depth - 1}": [depth - 2, depth - 1],
         f"all {model.config.num_layers} blocks (single-block extension)": list(range(model.config.num_layers)),
     }
-    rows = ["| layers | method | pixel acc. | mIoU | " + " | ".join(CLASSES) + " |", "|---|---|---|---|" + "---|" * len(CLASSES)]
+    header = "| layers | method | pixel acc. | mIoU | " + " | ".join(CLASSES) + " |"
+    rows = [header, "|---|---|---|---|" + "---|" * len(CLASSES)]
     for label, layers in settings.items():
         for method, r in benchmark(model, encoder, num_images, layers=layers).items():
             ious = " | ".join(f"{r['iou'][c]:.3f}" for c in CLASSES)
@@ -308,7 +309,8 @@ def main() -> None:
         return
     if trainer.step == 0:
         evaluate(trainer)  # the untrained model, for the table
-    trainer.fit(shapes_data(encoder, trainer.config.batch_size), args.steps, checkpoint, args.checkpoint_every, evaluate)
+    data = shapes_data(encoder, trainer.config.batch_size)
+    trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, evaluate)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def fixed_batch(b: int = 4, seed: int = 0) -> Batch:
 
 def null_conditioning() -> Conditioning:
     g = torch.Generator().manual_seed(99)
-    return Conditioning(torch.randn(1, 5, CONFIG.context_in_dim, generator=g), torch.randn(1, CONFIG.vec_in_dim, generator=g))
+    txt = torch.randn(1, 5, CONFIG.context_in_dim, generator=g)
+    return Conditioning(txt, torch.randn(1, CONFIG.vec_in_dim, generator=g))
 
 
 def new_trainer(**overrides) -> Trainer:
@@ -53,7 +54,8 @@ def new_trainer(**overrides) -> Trainer:
 
 def test_flow_pair_is_the_straight_path_the_euler_sampler_integrates():
     g = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     x_t, v = flow_pair(x0, noise, t)
     for i, ti in enumerate(t.tolist()):
@@ -78,7 +80,8 @@ def test_caption_dropout_and_zero_y():
     batch, null = fixed_batch(8), null_conditioning()
     g = torch.Generator().manual_seed(0)
     dropped = drop_conditioning(batch, null, TrainConfig(caption_dropout=1.0, zero_y_prob=0.0), g)
-    assert torch.equal(dropped.txt, null.null_txt.expand(8, -1, -1)) and torch.equal(dropped.y, null.null_y.expand(8, -1))
+    assert torch.equal(dropped.txt, null.null_txt.expand(8, -1, -1))
+    assert torch.equal(dropped.y, null.null_y.expand(8, -1))
     zeroed = drop_conditioning(batch, null, TrainConfig(caption_dropout=0.0, zero_y_prob=1.0), g)
     assert torch.equal(zeroed.txt, batch.txt) and not zeroed.y.any()
     kept = drop_conditioning(batch, null, TrainConfig(caption_dropout=0.0, zero_y_prob=0.0), g)
@@ -158,7 +161,8 @@ def test_export_is_the_official_layout_and_loads_strictly(tmp_path):
         "single_blocks.0.modulation.lin.bias", "final_layer.adaLN_modulation.1.weight", "final_layer.linear.bias",
     }
     assert official <= keys
-    assert all(k.split(".")[0] in {"img_in", "time_in", "vector_in", "txt_in", "double_blocks", "single_blocks", "final_layer"} for k in keys)
+    roots = {"img_in", "time_in", "vector_in", "txt_in", "double_blocks", "single_blocks", "final_layer"}
+    assert {k.split(".")[0] for k in keys} == roots
 
     loaded = load_flux(path)  # strict: any missing or unexpected key raises
     assert loaded.config == CONFIG
