@@ -1,0 +1,62 @@
+"""The shipped demo model: it loads strictly in the official key layout, and the README's first command
+runs on it end to end and writes its pictures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from concept_attention.demo import DEMO_WEIGHTS, demo_model
+from flux_mini.checkpoint import read_safetensors
+from flux_mini.loading import load_flux
+from flux_mini.model import Flux, FluxConfig
+from flux_mini.pipeline import FluxPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+UNTRAINED = ROOT / "weights" / "demo-untrained"
+
+
+@pytest.mark.parametrize("folder", [DEMO_WEIGHTS, UNTRAINED], ids=["demo", "untrained"])
+def test_shipped_weights_load_strictly_in_the_official_layout(folder):
+    (path,) = folder.glob("flux1-*.safetensors")
+    config = FluxConfig(**json.loads((folder / "flux_config.json").read_text()))
+    model = load_flux(path, config=config)  # strict: raises on any missing, unexpected or mis-shaped key
+    with torch.device("meta"):
+        expected = Flux(config).state_dict()
+    tensors = read_safetensors(path)
+    assert set(tensors) == set(expected)  # BFL names, no prefix
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    pipe = FluxPipeline.from_folder(folder)
+    assert pipe.model.config == config and pipe.autoencoder.downsample_factor == 1
+
+
+def test_demo_settings_describe_the_shipped_model():
+    demo = demo_model(announce=False)
+    assert demo.trained and demo.weights == DEMO_WEIGHTS
+    assert demo.image_size % 2 == 0 and demo.num_steps >= 1
+    assert demo.concepts and all(word in demo.prompt for word in demo.concepts[:2])
+
+
+def test_readme_first_command_writes_its_pictures(tmp_path):
+    """The demo command of the README, as a subprocess (it must also finish well within a minute)."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("concept-attention generate"))
+    args = command.split("concept-attention ", 1)[1]
+    prompt = args.split('--prompt "', 1)[1].split('"', 1)[0]
+    concepts = args.split("--concepts ", 1)[1].split(" --", 1)[0].split()
+    out = tmp_path / "demo-out"
+    run = subprocess.run(
+        [sys.executable, "-m", "concept_attention.cli", "generate", "--prompt", prompt, "--concepts", *concepts,
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "embedded demo model" in run.stdout
+    for name in ("image.png", "concept_maps.png", "cross_attention_maps.png", *(f"heatmap_{c}.png" for c in concepts)):
+        assert (out / name).stat().st_size > 0, name
