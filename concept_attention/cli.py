@@ -1,7 +1,7 @@
 """`concept-attention generate | encode | eval`: concept maps from the command line.
 
-Without --weights the embedded demo model is used; until a trained one ships in weights/demo/, a tiny
-RANDOM model is built in a temporary folder (its maps show the machinery, not learned concepts)."""
+Without --weights the embedded demo model (weights/demo/) is used; where it is absent (an install
+without the repository's weights/), a tiny RANDOM model is built in a temporary folder instead."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The embedded default model: the trained demo that ships in weights/demo/, or, until it does (or
-when it is absent from an install), a tiny random model built on the fly. No downloads either way."""
+"""The embedded default model: the trained demo that ships in weights/demo/, or, where it is absent
+(an install without the repository's weights/), a tiny random model built on the fly. No downloads."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def demo_model(announce: bool = True) -> DemoModel:
     build_tiny_weights(folder, seed=0)
     if announce:
         print(
-            "NOTE: no --weights given and no trained demo model ships yet: running on a tiny RANDOM model "
+            f"NOTE: no --weights given and no demo model in {DEMO_WEIGHTS}: running on a tiny RANDOM model "
             f"built in {folder}. The pictures show the pipeline working, not learned concepts."
         )
     return DemoModel(weights=folder, trained=False)
