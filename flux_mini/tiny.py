@@ -138,7 +138,7 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
     return symbols
 
 
-def _clip_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def clip_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-style BPE vocab and merges in which each of `words` is a single token `word</w>`.
 
     Order as in CLIP: 256 byte chars, the same with `</w>`, merged tokens, then <|startoftext|> and
@@ -165,7 +165,7 @@ def build_tiny_clip(folder: str | Path, seed: int = 0, hidden_size: int = 32) ->
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _clip_vocab(list(TINY_WORDS))
+    vocab, merges = clip_vocab(list(TINY_WORDS))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -30,7 +30,7 @@ from flux_mini.loading import load_flux
 from flux_mini.model import Flux, FluxConfig
 from flux_mini.sampling import image_ids, pack, text_ids
 from flux_mini.text_encoders import CLIPEmbedder, T5Embedder
-from flux_mini.tiny import _clip_vocab
+from flux_mini.tiny import clip_vocab
 from flux_mini.train import (
     Batch, Conditioning, Trainer, TrainConfig, export_transformer, parameter_count, zero_init_modulation_,
 )
@@ -107,7 +107,7 @@ def build_text_encoders(folder: Path, words: list[str], seed: int = 0) -> None:
     t5.save_pretrained(t5_dir)
 
     clip_dir.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _clip_vocab(words)
+    vocab, merges = clip_vocab(words)
     (clip_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     (clip_dir / "merges.txt").write_text("\n".join(["#version: 0.2", *(f"{a} {b}" for a, b in merges)]) + "\n")
     CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True, model_max_length=77).save_pretrained(clip_dir)
