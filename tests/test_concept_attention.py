@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from concept_attention import check_concepts, compute_concept_maps, gaussian_blur3x3, linear_normalize
 from concept_attention.maps import MapAccumulator, run_concept_layers
-from flux_mini.model import Flux
+from flux_mini.model import ConceptStream, Flux
 from flux_mini.tiny import randomize_, tiny_flux_config
 
 torch.set_num_threads(1)
@@ -344,3 +344,51 @@ def test_bad_concept_lists_are_named(concepts, message):
 def test_config_without_blocks_is_refused():
     with pytest.raises(ValueError, match="at least one block"):
         tiny_flux_config(depth=0, depth_single_blocks=0)
+
+
+def test_single_block_concept_attention_matches_naive_float64():
+    """The extension: concepts through a single block's shared weights, recomputed from the formulas."""
+    model = make_model(seed=4, dtype=torch.float64)
+    cfg, block = model.config, model.single_blocks[0]
+    H, Dh, D, M = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.mlp_hidden_dim
+    g = torch.Generator().manual_seed(11)
+    T, L, r = 5, 12, 3
+    x = torch.randn(1, T + L, D, generator=g, dtype=torch.float64)
+    vec, concept_vec = torch.randn(2, 1, D, generator=g, dtype=torch.float64)
+    tokens = torch.randn(1, r, D, generator=g, dtype=torch.float64)
+    pos = torch.zeros(T + L, 3, dtype=torch.float64)
+    pos[T:, 1], pos[T:, 2] = torch.arange(L) // 4, torch.arange(L) % 4
+    with torch.no_grad():
+        stream = ConceptStream(tokens=tokens, vec=concept_vec)
+        x_next, got = block(x, vec, model.pe_embedder(pos[None]), stream, num_txt=T)
+    sd = {k: v.double() for k, v in block.state_dict().items()}
+
+    def project(h, cond):
+        mod = F.silu(cond) @ sd["modulation.lin.weight"].T + sd["modulation.lin.bias"]
+        shift, scale, gate = mod[0, :D], mod[0, D : 2 * D], mod[0, 2 * D :]
+        out = ((1 + scale) * naive_layer_norm(h)) + shift
+        out = out @ sd["linear1.weight"].T + sd["linear1.bias"]
+        heads = lambda z: z.reshape(-1, H, Dh).transpose(0, 1)  # noqa: E731
+        q = naive_rms(heads(out[:, :D]), sd["norm.query_norm.scale"])
+        k = naive_rms(heads(out[:, D : 2 * D]), sd["norm.key_norm.scale"])
+        return q, k, heads(out[:, 2 * D : 3 * D]), out[:, 3 * D :], gate
+
+    q, k, v, mlp_in, gate = project(x[0], vec)
+    c_q, c_k, c_v, c_mlp, c_gate = project(tokens[0], concept_vec)
+    attend = lambda q_, k_, v_: torch.softmax(q_ @ k_.T / math.sqrt(Dh), dim=-1) @ v_  # noqa: E731
+    o_x, o_c = [], []
+    for h in range(H):
+        k_rot = naive_rope(k[h], pos, cfg.axes_dim, cfg.theta)
+        o_x.append(attend(naive_rope(q[h], pos, cfg.axes_dim, cfg.theta), k_rot, v[h]))
+        o_c.append(attend(c_q[h], torch.cat([c_k[h], k_rot[T:]]), torch.cat([c_v[h], v[h][T:]])))
+    o_x = torch.stack(o_x, 1).reshape(T + L, D)
+    o_c = torch.stack(o_c, 1).reshape(r, D)
+
+    def linear2(a, m):
+        return torch.cat([a, F.gelu(m, approximate="tanh")], -1) @ sd["linear2.weight"].T + sd["linear2.bias"]
+
+    torch.testing.assert_close(x_next[0], x[0] + gate * linear2(o_x, mlp_in), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.image_out[0], o_x[T:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.concept_out[0], o_c, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.stream.tokens[0], tokens[0] + c_gate * linear2(o_c, c_mlp), rtol=1e-10, atol=1e-10)
+    assert M == c_mlp.shape[-1]
