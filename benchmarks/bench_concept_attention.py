@@ -31,7 +31,7 @@ from bench_transformer import MEDIUM, diffusers_twin, timed  # noqa: E402
 from bench_transformer import inputs as grid_inputs  # noqa: E402
 
 from concept_attention.maps import MapAccumulator, run_concept_layers  # noqa: E402
-from flux_mini.model import Flux  # noqa: E402
+from flux_mini.flux1 import Flux  # noqa: E402
 from flux_mini.tiny import randomize_  # noqa: E402
 
 TEXT, CONCEPTS = 128, 10
@@ -101,7 +101,7 @@ def speed(tokens: int, reps: int, twin, model: Flux) -> None:
 MEMORY = r"""
 import sys, torch
 from concept_attention.maps import MapAccumulator, run_concept_layers
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.sampling import euler_step, get_schedule, timestep_vector
 sys.path.insert(0, sys.argv[2])
 from bench_concept_attention import MEDIUM, inputs

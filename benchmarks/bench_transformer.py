@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flux_mini.convert import bfl_to_diffusers, diffusers_config
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.tiny import randomize_
 
 MEDIUM = FluxConfig(hidden_size=768, num_heads=12, axes_dim=(8, 28, 28), depth=4, depth_single_blocks=8)
@@ -132,7 +132,7 @@ import sys, torch
 def status(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 from flux_mini.loading import inspect_checkpoint, load_flux
-from flux_mini.model import Flux
+from flux_mini.flux1 import Flux
 from safetensors.torch import load_file
 path, how = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
@@ -157,7 +157,7 @@ def load_memory() -> None:
         path = Path(tmp) / "load-bench.safetensors"
         # written by a child process, so this process never holds the weights
         subprocess.run([sys.executable, "-c", (
-            "import sys, torch; from flux_mini.loading import save_flux; from flux_mini.model import Flux, FluxConfig;"
+            "import sys, torch; from flux_mini.loading import save_flux; from flux_mini.flux1 import Flux, FluxConfig;"
             f"torch.manual_seed(0); save_flux(Flux(FluxConfig(**{LOAD.to_dict()!r})), sys.argv[1])"
         ), str(path)], check=True, env=CHILD_ENV)  # fmt: skip
         size = path.stat().st_size

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from flux_mini.model import Flux, LayerOutput
+from flux_mini.flux1 import Flux
+from flux_mini.layers import LayerOutput
 
 SPACES = ("output", "cross_attention", "value")
 NORMALIZATIONS = (None, "linear")

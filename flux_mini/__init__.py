@@ -3,7 +3,7 @@
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder, load_autoencoder
 from flux_mini.checkpoint import CheckpointError
 from flux_mini.loading import load_flux
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.pipeline import FluxPipeline
 
 __all__ = [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flux_mini.model import FluxConfig
+from flux_mini.flux1 import FluxConfig
 
 
 @dataclass(frozen=True)

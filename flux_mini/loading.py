@@ -29,7 +29,7 @@ from flux_mini.checkpoint import (
     strip_prefix,
 )
 from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl
-from flux_mini.model import PRESETS, Flux, FluxConfig
+from flux_mini.flux1 import PRESETS, Flux, FluxConfig
 
 OFFICIAL_AXES_DIM = (16, 56, 56)  # head dim 128
 METADATA_KEY = "flux_config"

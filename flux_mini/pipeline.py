@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from flux_mini.autoencoder import AutoEncoder, IdentityAutoEncoder, load_autoencoder
 from flux_mini.convert import config_from_diffusers
 from flux_mini.loading import load_flux
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.sampling import denoise, get_noise, get_schedule, image_ids, latent_size, pack, text_ids, unpack
 from flux_mini.text_encoders import CLIPEmbedder, MissingFilesError, T5Embedder
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder
 from flux_mini.loading import save_flux
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 
 
 def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:

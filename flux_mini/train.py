@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flux_mini.loading import save_flux
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.sampling import image_ids, pack, text_ids
 
 

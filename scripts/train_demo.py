@@ -27,7 +27,7 @@ from concept_attention.maps import compute_concept_maps
 from concept_attention.shapes import ShapesConfig, make_sample, vocabulary
 from flux_mini.autoencoder import IdentityAutoEncoder
 from flux_mini.loading import load_flux
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.sampling import image_ids, pack, text_ids
 from flux_mini.text_encoders import CLIPEmbedder, T5Embedder
 from flux_mini.tiny import clip_vocab

@@ -19,14 +19,14 @@ from flux_mini.autoencoder import (
     load_autoencoder,
 )
 from flux_mini.checkpoint import CheckpointError
-from flux_mini.model import Flux
+from flux_mini.flux1 import Flux
 from flux_mini.tiny import randomize_, tiny_flux_config
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
-SPEC_DIR = Path(__file__).parents[2] / "shared" / "spec"
+SPEC_DIR = Path(__file__).parent / "data"  # copies of the official key lists (shared/spec)
 OFFICIAL_SCALE, OFFICIAL_SHIFT = 0.3611, 0.1159
 
 # Four levels with distinct widths (a swapped decoder level cannot load) and f = 8, so 36x52 inputs go

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from concept_attention import check_concepts, compute_concept_maps, gaussian_blur3x3, linear_normalize
 from concept_attention.maps import MapAccumulator, run_concept_layers
-from flux_mini.model import ConceptStream, Flux
+from flux_mini.flux1 import Flux
+from flux_mini.layers import ConceptStream
 from flux_mini.tiny import randomize_, tiny_flux_config
 
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import torch
 from concept_attention.demo import DEMO_WEIGHTS, demo_model
 from flux_mini.checkpoint import read_safetensors
 from flux_mini.loading import load_flux
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.pipeline import FluxPipeline
 
 ROOT = Path(__file__).resolve().parents[1]

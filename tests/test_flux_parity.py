@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from flux_mini.checkpoint import read_safetensors
 from flux_mini.convert import bfl_to_diffusers, diffusers_config, diffusers_to_bfl
 from flux_mini.loading import load_flux
-from flux_mini.model import Flux, FluxConfig
+from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.tiny import randomize_, tiny_flux_config
 
 LAYOUTS = ["bfl", "prefixed", "diffusers", "diffusers-sharded"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flux_mini.loading import load_flux
-from flux_mini.model import Flux
+from flux_mini.flux1 import Flux
 from flux_mini.sampling import euler_step, image_ids, pack, text_ids
 from flux_mini.tiny import randomize_, tiny_flux_config
 from flux_mini.train import (

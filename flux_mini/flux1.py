@@ -2,19 +2,45 @@
 
 Shapes: B batch, T text tokens, L image tokens, D hidden size, H heads, Dh head dim, r concepts.
 The math follows `shared/spec/flux-format.md` §3; every module name matches a key of the official
-state dict, so `model.state_dict()` *is* the checkpoint layout.
+state dict, so `model.state_dict()` *is* the checkpoint layout. The pieces every generation shares
+(RoPE, norms, attention, the concept-attention step, named sites) are in `layers.py`.
+
+Named sites (`flux_mini.interp`): `vec`, `img_in`, `txt_in`; per double block `double_blocks.N.` +
+`q`, `k`, `v` (joint [txt ; img], after QK-norm and RoPE, (B, H, T + L, Dh)), `img_attn`, `txt_attn`
+(attention outputs before the projection), `img_mlp`, `txt_mlp` (MLP outputs before the gate), `img`,
+`txt` (the streams after the block), `concept_attn`, `concepts` (the concept stream, when it runs);
+per single block `single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (GELU activations, (B, T + L, M)),
+`x` ([txt ; img] after the block), `concept_attn`, `concepts`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
+
+from flux_mini.layers import (
+    NO_SITES,
+    ConceptLayer,
+    ConceptStream,
+    LayerOutput,
+    ModulationOut,
+    QKNorm,
+    RoPE,
+    Sites,
+    apply_rope,
+    attention,
+    concept_attention,
+    concept_layer,
+    few_token_linear,
+    layer_norm,
+    merge_heads,
+    split_heads,
+    timestep_embedding,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -93,22 +119,6 @@ PRESETS: dict[str, FluxConfig] = {
 # Embeddings
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding of t in [0, 1] (or a guidance value): (B,) -> (B, dim), cosines first.
-
-    `time_factor * t` is computed in t's dtype, as the reference does (it matters in bf16); the angles
-    in float32 (float64 for a float64 t)."""
-    t = time_factor * t
-    half = dim // 2
-    precision = upcast(t.dtype) if torch.is_floating_point(t) else torch.float32
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=precision, device=t.device) / half)
-    args = t[:, None].to(precision) * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb.to(t.dtype) if torch.is_floating_point(t) else emb
-
-
 class MLPEmbedder(nn.Module):
     """Linear -> SiLU -> Linear: lifts timesteps, guidance and the pooled CLIP vector to D."""
 
@@ -121,83 +131,8 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
-class RoPE(nn.Module):
-    """N-axis rotary embedding: ids (B, L, n_axes) -> unit complex rotations (B, 1, L, Dh/2).
-
-    Each axis rotates its own slice of the head dims, in interleaved pairs (2p, 2p+1) read as complex
-    numbers x[2p] + i x[2p+1]. Angles are formed in float64 so that positions of large grids stay exact;
-    the rotations are complex64 (complex128 for float64 ids)."""
-
-    def __init__(self, axes_dim: tuple[int, ...], theta: int):
-        super().__init__()
-        self.axes_dim = axes_dim
-        self.theta = theta
-
-    def forward(self, ids: Tensor) -> Tensor:
-        angles = []
-        for axis, dim in enumerate(self.axes_dim):
-            omega = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
-            angles.append(ids[..., axis, None].double() * omega)  # (B, L, dim/2)
-        angle = rearrange(torch.cat(angles, dim=-1), "b l p -> b 1 l p").to(upcast(ids.dtype))
-        return torch.polar(torch.ones_like(angle), angle)
-
-
-def upcast(dtype: torch.dtype) -> torch.dtype:
-    """The precision for norms and rotations: float32, or float64 when the model runs in float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate each pair (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1), i.e. multiply x0 + i x1 by
-    e^(i angle), in float32 (or higher); x: (B, H, L, Dh)."""
-    pairs = torch.view_as_complex(rearrange(x.to(upcast(x.dtype)), "... (p two) -> ... p two", two=2))
-    return rearrange(torch.view_as_real(pairs * pe), "... p two -> ... (p two)").to(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------
-# Normalisation and modulation
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the head dim with a learned gain, statistics in float32."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.to(upcast(x.dtype)), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
-
-
-class QKNorm(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
-
-
-@dataclass
-class ModulationOut:
-    """One adaLN set: x -> (1 + scale) * LN(x) + shift, and the residual gate of the branch."""
-
-    shift: Tensor  # (B, 1, D)
-    scale: Tensor
-    gate: Tensor
-
-    def modulate(self, x: Tensor) -> Tensor:
-        return torch.addcmul(self.shift, 1 + self.scale, layer_norm(x))
-
-    def residual(self, x: Tensor, branch: Tensor) -> Tensor:
-        """x + gate * branch, fused."""
-        return torch.addcmul(x, self.gate, branch)
-
-
-def layer_norm(x: Tensor) -> Tensor:
-    """The affine-free LayerNorm (eps 1e-6) used everywhere in the transformer."""
-    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+# Modulation
 
 
 class Modulation(nn.Module):
@@ -215,25 +150,6 @@ class Modulation(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Attention
-
-
-def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused projection (B, L, 3*D) -> QK-normed q, k and raw v, each (B, H, L, Dh).
-
-    q, k, v are contiguous D-blocks of the features. The norm runs before the head axis moves forward,
-    on rows that are still contiguous (after the move it would copy them first)."""
-    q, k, v = rearrange(qkv, "b l (k h d) -> k b l h d", k=3, h=num_heads)
-    q, k = norm(q, k, v)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    return rearrange(x, "b h l d -> b l (h d)")
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Unmasked scaled-dot-product attention, heads kept apart: (B, H, Lq, Dh)."""
-    return F.scaled_dot_product_attention(q, k, v)
 
 
 class SelfAttention(nn.Module):
@@ -259,91 +175,9 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-# ----------------------------------------------------------------------------------------------
-# ConceptAttention: concept tokens on their own residual stream (Helbling et al., ICML 2025)
-
-ATTENTION_MODES = ("both", "cross", "self", "none")
-
-
-@dataclass
-class ConceptStream:
-    """Concept tokens travelling beside the text stream through the text-stream weights of each block.
-
-    They attend to image tokens (and to each other) but no other token attends to them, so the image
-    and text outputs are exactly those of the plain forward. Concept ids are zero (like text ids), so
-    RoPE leaves their queries and keys unrotated and is skipped for them."""
-
-    tokens: Tensor  # (B, r, D) the concept residual stream
-    vec: Tensor  # (B, D) its modulation vector: time [+ guidance] + vector_in(concept pooled input)
-    attention: str = "both"  # keys/values of the concept queries: "both", "cross" (image only), "self", "none"
-    cross_attention: bool = False  # also return the raw cross-attention baseline q_img . k_concept
-    values: bool = False  # also return the value vectors (value-space ablation)
-
-    def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-
-    def advance(self, tokens: Tensor) -> ConceptStream:
-        return replace(self, tokens=tokens)
-
-
-@dataclass
-class ConceptLayer:
-    """What one block exposes about the concepts: attention outputs before the output projection
-    (heads concatenated), the stream for the next block, and the optional baselines."""
-
-    concept_out: Tensor  # (B, r, D)  o_c
-    image_out: Tensor  # (B, N, D)  o_x, the image rows of the joint attention output
-    stream: ConceptStream  # the concept stream after this block's residual updates
-    cross_attention: Tensor | None = None  # (B, H, r, N) q_img . k_c after QK-norm, before RoPE, unscaled
-    concept_values: Tensor | None = None  # (B, r, D)
-    image_values: Tensor | None = None  # (B, N, D)
-
-
-def concept_attention(q_c: Tensor, k_c: Tensor, v_c: Tensor, k_img: Tensor, v_img: Tensor, mode: str) -> Tensor:
-    """Only the r concept query rows, (B, H, r, Dh), over [concept ; image] keys (or one of the two).
-
-    The two key blocks share one softmax but are never concatenated: the image keys and values are
-    read where they are, which halves the cost of this step for a few concepts over many image tokens."""
-    if mode == "none":
-        return v_c
-    sources = {"both": ((k_c, v_c), (k_img, v_img)), "self": ((k_c, v_c),), "cross": ((k_img, v_img),)}[mode]
-    scale = q_c.shape[-1] ** -0.5
-    scores = torch.cat([q_c @ k.transpose(-1, -2) for k, _ in sources], dim=-1) * scale  # (B, H, r, keys)
-    weights = scores.to(upcast(scores.dtype)).softmax(dim=-1).to(q_c.dtype)
-    parts = weights.split([k.shape[2] for k, _ in sources], dim=-1)
-    return sum(w @ v for w, (_, v) in zip(parts, sources))
-
-
-def few_token_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x) for a handful of tokens (B, r, in) -> (B, r, out), as weight @ x^T.
-
-    With r ~ 10 the product is bound by reading the weight; in this orientation CPU BLAS streams it once
-    instead of packing it first, about 2x faster than F.linear. Used by the concept stream only."""
-    columns = rearrange(x, "b r d -> d (b r)")
-    if layer.bias is None:
-        out = layer.weight @ columns
-    else:
-        out = torch.addmm(layer.bias[:, None], layer.weight, columns)
-    return rearrange(out, "o (b r) -> b r o", b=x.shape[0])
-
-
 def few_token_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """The MLP for the concept stream's few tokens (see `few_token_linear`)."""
     return few_token_linear(mlp[2], mlp[1](few_token_linear(mlp[0], x)))
-
-
-def concept_layer(
-    stream: ConceptStream, concept_out: Tensor, k_c: Tensor, v_c: Tensor, img_q: Tensor, img_v: Tensor, img_out: Tensor
-) -> ConceptLayer:
-    """Package one block's concept results with the baselines the stream asked for; img_q is pre-RoPE."""
-    return ConceptLayer(
-        concept_out=concept_out,
-        image_out=img_out,
-        stream=stream,
-        cross_attention=torch.einsum("bhnd,bhrd->bhrn", img_q, k_c) if stream.cross_attention else None,
-        concept_values=merge_heads(v_c) if stream.values else None,
-        image_values=merge_heads(img_v) if stream.values else None,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +199,13 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = mlp(dim, config.mlp_hidden_dim)
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, concepts: ConceptStream | None = None
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        concepts: ConceptStream | None = None,
+        sites: Sites = NO_SITES,
     ) -> tuple[Tensor, Tensor, ConceptLayer | None]:
         """img (B, L, D), txt (B, T, D), vec (B, D), pe over [txt ; img] -> (img, txt, concept layer or None)."""
         img_mod1, img_mod2 = self.img_mod(vec)
@@ -373,29 +213,32 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(img))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod1.modulate(txt))
 
-        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
-        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
-        v = torch.cat((txt_v, img_v), dim=2)
+        num_txt = txt.shape[1]
+        q = sites("q", apply_rope(torch.cat((txt_q, img_q), dim=2), pe))
+        k = sites("k", apply_rope(torch.cat((txt_k, img_k), dim=2), pe))
+        v = sites("v", torch.cat((txt_v, img_v), dim=2))
         out = merge_heads(attention(q, k, v))  # (B, T + L, D)
-        txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
+        txt_out, img_out = sites("txt_attn", out[:, :num_txt]), sites("img_attn", out[:, num_txt:])
 
         img = img_mod1.residual(img, self.img_attn.proj(img_out))
-        img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(img)))
+        img = sites("img", img_mod2.residual(img, sites("img_mlp", self.img_mlp(img_mod2.modulate(img)))))
         txt = txt_mod1.residual(txt, self.txt_attn.proj(txt_out))
-        txt = txt_mod2.residual(txt, self.txt_mlp(txt_mod2.modulate(txt)))
+        txt = sites("txt", txt_mod2.residual(txt, sites("txt_mlp", self.txt_mlp(txt_mod2.modulate(txt)))))
         if concepts is None:
             return img, txt, None
-        return img, txt, self.concept_forward(concepts, img_q, k[:, :, txt.shape[1] :], img_v, img_out)
+        concept = self.concept_forward(concepts, img_q, k[:, :, num_txt:], v[:, :, num_txt:], img_out, sites)
+        return img, txt, concept
 
     def concept_forward(
-        self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor
+        self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor, sites: Sites
     ) -> ConceptLayer:
         """The concept stream through this block's *text* weights; img_k is RoPE-rotated, img_q is not."""
         mod1, mod2 = self.txt_mod(concepts.vec)
         q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
-        o_c = merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention))  # (B, r, D)
+        o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
+        o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         c = mod1.residual(concepts.tokens, few_token_linear(self.txt_attn.proj, o_c))
-        c = mod2.residual(c, few_token_mlp(self.txt_mlp, mod2.modulate(c)))
+        c = sites("concepts", mod2.residual(c, few_token_mlp(self.txt_mlp, mod2.modulate(c))))
         return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
 
@@ -414,18 +257,26 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(dim, double=False)
 
     def forward(
-        self, x: Tensor, vec: Tensor, pe: Tensor, concepts: ConceptStream | None = None, num_txt: int = 0
+        self,
+        x: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        concepts: ConceptStream | None = None,
+        num_txt: int = 0,
+        sites: Sites = NO_SITES,
     ) -> tuple[Tensor, ConceptLayer | None]:
         """x (B, T + L, D), text first -> (x, concept layer or None); num_txt = T is needed with concepts."""
         (mod,) = self.modulation(vec)
-        q, k, v, mlp_in = self.split(self.linear1(mod.modulate(x)))
-        k_rot = apply_rope(k, pe)
-        out = merge_heads(attention(apply_rope(q, pe), k_rot, v))
-        x_next = mod.residual(x, self.output(out, F.gelu(mlp_in, approximate="tanh")))
+        q_raw, k, v, mlp_in = self.split(self.linear1(mod.modulate(x)))
+        q, k, v = sites("q", apply_rope(q_raw, pe)), sites("k", apply_rope(k, pe)), sites("v", v)
+        out = sites("attn", merge_heads(attention(q, k, v)))
+        mlp_act = sites("mlp", F.gelu(mlp_in, approximate="tanh"))
+        x_next = sites("x", mod.residual(x, self.output(out, mlp_act)))
         if concepts is None:
             return x_next, None
         img = slice(num_txt, None)
-        return x_next, self.concept_forward(concepts, q[:, :, img], k_rot[:, :, img], v[:, :, img], out[:, img])
+        concept = self.concept_forward(concepts, q_raw[:, :, img], k[:, :, img], v[:, :, img], out[:, img], sites)
+        return x_next, concept
 
     def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """linear1's output -> normalised q, k, raw v (B, H, L, Dh) and the MLP input (B, L, M)."""
@@ -439,14 +290,15 @@ class SingleStreamBlock(nn.Module):
         return F.linear(attn, weight[:, :dim], self.linear2.bias) + F.linear(mlp_act, weight[:, dim:])
 
     def concept_forward(
-        self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor
+        self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor, sites: Sites
     ) -> ConceptLayer:
         """Extension beyond the paper: concepts through this block's shared weights."""
         (mod,) = self.modulation(concepts.vec)
         q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.modulate(concepts.tokens)))
-        o_c = merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention))  # (B, r, D)
+        o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
+        o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         h = torch.cat((o_c, F.gelu(mlp_c, approximate="tanh")), dim=-1)
-        c = mod.residual(concepts.tokens, few_token_linear(self.linear2, h))
+        c = sites("concepts", mod.residual(concepts.tokens, few_token_linear(self.linear2, h)))
         return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
 
@@ -527,27 +379,29 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         concepts: ConceptStream | None = None,
         concepts_in_single_blocks: bool = False,
+        sites: Sites = NO_SITES,
     ) -> Iterator[LayerOutput]:
         """Run the blocks one by one, yielding after each; stop iterating to stop the model early.
 
         Layers are numbered 0..depth-1 (double blocks), then depth.. (single blocks). The concept stream,
-        when given, runs through the double blocks, and through the single blocks too when asked."""
+        when given, runs through the double blocks, and through the single blocks too when asked.
+        `sites` reads or replaces named values on the way (`flux_mini.interp`)."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
-        vec = self.conditioning(timesteps, y, guidance)
+        vec = sites("vec", self.conditioning(timesteps, y, guidance))
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        img, txt = self.img_in(img), self.txt_in(txt)
+        img, txt = sites("img_in", self.img_in(img)), sites("txt_in", self.txt_in(txt))
         for index, block in enumerate(self.double_blocks):
-            img, txt, concept = block(img, txt, vec, pe, concepts)
+            img, txt, concept = block(img, txt, vec, pe, concepts, sites.scoped(f"double_blocks.{index}"))
             concepts = concept.stream if concept is not None else None
             yield LayerOutput(index, img, vec, concept)
         concepts = concepts if concepts_in_single_blocks else None
         num_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
-        for index, block in enumerate(self.single_blocks, start=self.config.depth):
-            x, concept = block(x, vec, pe, concepts, num_txt)
+        for index, block in enumerate(self.single_blocks):
+            x, concept = block(x, vec, pe, concepts, num_txt, sites.scoped(f"single_blocks.{index}"))
             concepts = concept.stream if concept is not None else None
-            yield LayerOutput(index, x[:, num_txt:], vec, concept)
+            yield LayerOutput(self.config.depth + index, x[:, num_txt:], vec, concept)
 
     def forward(
         self,
@@ -558,20 +412,10 @@ class Flux(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        sites: Sites = NO_SITES,
     ) -> Tensor:
         """img (B, L, in_channels), img_ids (B, L, 3), txt (B, T, context_in_dim), txt_ids (B, T, 3),
         timesteps (B,) in [0, 1], y (B, vec_in_dim), guidance (B,) -> velocity (B, L, out_channels)."""
-        for layer in self.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance):
+        for layer in self.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, sites=sites):
             pass
         return self.final_layer(layer.img, layer.vec)
-
-
-@dataclass
-class LayerOutput:
-    """The state after one block: its layer number, the image tokens (B, L, D), the modulation vector,
-    and the concept results when a concept stream runs."""
-
-    index: int
-    img: Tensor
-    vec: Tensor
-    concepts: ConceptLayer | None

@@ -1,0 +1,255 @@
+"""What is mathematically the same in every Flux generation: embeddings, RoPE, norms, attention, the
+concept-attention step, and the named sites that interventions use.
+
+Shapes: B batch, T text tokens, L image tokens, D hidden size, H heads, Dh head dim, r concepts.
+Each generation's transformer (`flux1.py`, ...) builds its blocks from these pieces; anything that differs
+between generations lives in the generation's own file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def upcast(dtype: torch.dtype) -> torch.dtype:
+    """The precision for norms and rotations: float32, or float64 when the model runs in float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] (or a guidance value): (B,) -> (B, dim), cosines first.
+
+    `time_factor * t` is computed in t's dtype, as the reference does (it matters in bf16); the angles
+    in float32 (float64 for a float64 t)."""
+    t = time_factor * t
+    half = dim // 2
+    precision = upcast(t.dtype) if torch.is_floating_point(t) else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=precision, device=t.device) / half)
+    args = t[:, None].to(precision) * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if torch.is_floating_point(t) else emb
+
+
+class RoPE(nn.Module):
+    """N-axis rotary embedding: ids (B, L, n_axes) -> unit complex rotations (B, 1, L, Dh/2).
+
+    Each axis rotates its own slice of the head dims, in interleaved pairs (2p, 2p+1) read as complex
+    numbers x[2p] + i x[2p+1]. Angles are formed in float64 so that positions of large grids stay exact;
+    the rotations are complex64 (complex128 for float64 ids)."""
+
+    def __init__(self, axes_dim: tuple[int, ...], theta: int):
+        super().__init__()
+        self.axes_dim = axes_dim
+        self.theta = theta
+
+    def forward(self, ids: Tensor) -> Tensor:
+        angles = []
+        for axis, dim in enumerate(self.axes_dim):
+            omega = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+            angles.append(ids[..., axis, None].double() * omega)  # (B, L, dim/2)
+        angle = rearrange(torch.cat(angles, dim=-1), "b l p -> b 1 l p").to(upcast(ids.dtype))
+        return torch.polar(torch.ones_like(angle), angle)
+
+
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate each pair (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1), i.e. multiply x0 + i x1 by
+    e^(i angle), in float32 (or higher); x: (B, H, L, Dh)."""
+    pairs = torch.view_as_complex(rearrange(x.to(upcast(x.dtype)), "... (p two) -> ... p two", two=2))
+    return rearrange(torch.view_as_real(pairs * pe), "... p two -> ... (p two)").to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the head dim with a learned gain, statistics in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.to(upcast(x.dtype)), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+@dataclass
+class ModulationOut:
+    """One adaLN set: x -> (1 + scale) * LN(x) + shift, and the residual gate of the branch."""
+
+    shift: Tensor  # (B, 1, D)
+    scale: Tensor
+    gate: Tensor
+
+    def modulate(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.shift, 1 + self.scale, layer_norm(x))
+
+    def residual(self, x: Tensor, branch: Tensor) -> Tensor:
+        """x + gate * branch, fused."""
+        return torch.addcmul(x, self.gate, branch)
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    """The affine-free LayerNorm (eps 1e-6) used everywhere in the transformer."""
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused projection (B, L, 3*D) -> QK-normed q, k and raw v, each (B, H, L, Dh).
+
+    q, k, v are contiguous D-blocks of the features. The norm runs before the head axis moves forward,
+    on rows that are still contiguous (after the move it would copy them first)."""
+    q, k, v = rearrange(qkv, "b l (k h d) -> k b l h d", k=3, h=num_heads)
+    q, k = norm(q, k, v)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    return rearrange(x, "b h l d -> b l (h d)")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unmasked scaled-dot-product attention, heads kept apart: (B, H, Lq, Dh)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# ConceptAttention: concept tokens on their own residual stream (Helbling et al., ICML 2025)
+
+ATTENTION_MODES = ("both", "cross", "self", "none")
+
+
+@dataclass
+class ConceptStream:
+    """Concept tokens travelling beside the text stream through the text-stream weights of each block.
+
+    They attend to image tokens (and to each other) but no other token attends to them, so the image
+    and text outputs are exactly those of the plain forward. Concept ids are zero (like text ids), so
+    RoPE leaves their queries and keys unrotated and is skipped for them."""
+
+    tokens: Tensor  # (B, r, D) the concept residual stream
+    vec: Tensor  # (B, D) its modulation vector: time [+ guidance] + vector_in(concept pooled input)
+    attention: str = "both"  # keys/values of the concept queries: "both", "cross" (image only), "self", "none"
+    cross_attention: bool = False  # also return the raw cross-attention baseline q_img . k_concept
+    values: bool = False  # also return the value vectors (value-space ablation)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+
+    def advance(self, tokens: Tensor) -> ConceptStream:
+        return replace(self, tokens=tokens)
+
+
+@dataclass
+class ConceptLayer:
+    """What one block exposes about the concepts: attention outputs before the output projection
+    (heads concatenated), the stream for the next block, and the optional baselines."""
+
+    concept_out: Tensor  # (B, r, D)  o_c
+    image_out: Tensor  # (B, N, D)  o_x, the image rows of the joint attention output
+    stream: ConceptStream  # the concept stream after this block's residual updates
+    cross_attention: Tensor | None = None  # (B, H, r, N) q_img . k_c after QK-norm, before RoPE, unscaled
+    concept_values: Tensor | None = None  # (B, r, D)
+    image_values: Tensor | None = None  # (B, N, D)
+
+
+def concept_attention(q_c: Tensor, k_c: Tensor, v_c: Tensor, k_img: Tensor, v_img: Tensor, mode: str) -> Tensor:
+    """Only the r concept query rows, (B, H, r, Dh), over [concept ; image] keys (or one of the two).
+
+    The two key blocks share one softmax but are never concatenated: the image keys and values are
+    read where they are, which halves the cost of this step for a few concepts over many image tokens."""
+    if mode == "none":
+        return v_c
+    sources = {"both": ((k_c, v_c), (k_img, v_img)), "self": ((k_c, v_c),), "cross": ((k_img, v_img),)}[mode]
+    scale = q_c.shape[-1] ** -0.5
+    scores = torch.cat([q_c @ k.transpose(-1, -2) for k, _ in sources], dim=-1) * scale  # (B, H, r, keys)
+    weights = scores.to(upcast(scores.dtype)).softmax(dim=-1).to(q_c.dtype)
+    parts = weights.split([k.shape[2] for k, _ in sources], dim=-1)
+    return sum(w @ v for w, (_, v) in zip(parts, sources))
+
+
+def few_token_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) for a handful of tokens (B, r, in) -> (B, r, out), as weight @ x^T.
+
+    With r ~ 10 the product is bound by reading the weight; in this orientation CPU BLAS streams it once
+    instead of packing it first, about 2x faster than F.linear. Used by the concept stream only."""
+    columns = rearrange(x, "b r d -> d (b r)")
+    if layer.bias is None:
+        out = layer.weight @ columns
+    else:
+        out = torch.addmm(layer.bias[:, None], layer.weight, columns)
+    return rearrange(out, "o (b r) -> b r o", b=x.shape[0])
+
+
+def concept_layer(
+    stream: ConceptStream, concept_out: Tensor, k_c: Tensor, v_c: Tensor, img_q: Tensor, img_v: Tensor, img_out: Tensor
+) -> ConceptLayer:
+    """Package one block's concept results with the baselines the stream asked for; img_q is pre-RoPE."""
+    return ConceptLayer(
+        concept_out=concept_out,
+        image_out=img_out,
+        stream=stream,
+        cross_attention=torch.einsum("bhnd,bhrd->bhrn", img_q, k_c) if stream.cross_attention else None,
+        concept_values=merge_heads(v_c) if stream.values else None,
+        image_values=merge_heads(img_v) if stream.values else None,
+    )
+
+
+@dataclass
+class LayerOutput:
+    """The state after one block: its layer number, the image tokens (B, L, D), the modulation vector,
+    and the concept results when a concept stream runs."""
+
+    index: int
+    img: Tensor
+    vec: Tensor
+    concepts: ConceptLayer | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Named sites: where interventions read or replace values (see flux_mini/interp.py)
+
+
+class Sites:
+    """Named points of a forward pass, passed in explicitly like the concept stream (no hooks).
+
+    A block calls `sites(name, value)` at each of its sites and continues with what comes back. This base
+    class is the identity, so the plain forward passes `NO_SITES` and every value goes through unchanged;
+    `flux_mini.interp` subclasses it to cache or patch. `scoped(prefix)` gives a block its names
+    (`double_blocks.3` + `img_attn` -> `double_blocks.3.img_attn`)."""
+
+    def __call__(self, name: str, value: Tensor) -> Tensor:
+        return value
+
+    def scoped(self, prefix: str) -> Sites:
+        return self
+
+
+NO_SITES = Sites()
