@@ -1,11 +1,11 @@
-"""A procedural segmentation dataset with exact masks: large shapes on textured backgrounds.
+"""A procedural segmentation dataset with exact masks: large coloured shapes on textured backgrounds.
 
-Why: ConceptAttention's maps can only be judged against ground truth, and a model small enough to train
-on a CPU needs a world it can learn in an hour. Every image is drawn pixel by pixel from geometric
-inequalities (no anti-aliasing), so the mask of each concept word is exact and the masks partition the
-image. Each shape has its own colour family (red circle, purple square, yellow triangle) so that a tiny
-model learns the shape *words* quickly; the shapes differ in outline as well, so a map that follows the
-object's outline is visible. Everything is a pure function of (seed, index).
+Why: ConceptAttention's maps can only be judged against ground truth. Every image is drawn pixel by pixel
+from geometric inequalities (no anti-aliasing), so the mask of each concept word is exact and the masks
+partition the image. Each object's colour is drawn independently of its shape from six named colours, so
+colour says nothing about shape: a map that finds "circle" must have learned the outline, and a map of a
+colour word ("red") has its own exact mask. Captions name the colours half of the time. Everything is a
+pure function of (seed, index).
 """
 
 from __future__ import annotations
@@ -23,8 +23,16 @@ from PIL import Image
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("grass", "sky", "sand", "night")
 
-# Base RGB of each shape; every object gets a small jitter of this.
-SHAPE_COLOURS = {"circle": (214, 40, 40), "square": (140, 60, 205), "triangle": (245, 205, 35)}
+# Base RGB of each named colour (every object gets a small jitter of its colour): at least 88 apart from
+# each other and from every background pixel, so the colour of a pixel names its object unambiguously.
+COLOURS = {
+    "red": (220, 35, 35), "orange": (250, 130, 20), "yellow": (240, 230, 50),
+    "blue": (30, 70, 230), "purple": (145, 50, 205), "pink": (250, 125, 200),
+}
+# Base RGB of each background (what the colour rule compares the image border with).
+BACKGROUND_COLOURS = {"grass": (64, 144, 50), "sky": (140, 197, 250), "sand": (212, 187, 137), "night": (19, 23, 60)}
+# Area of each shape per squared half-size: circle pi r^2, square (2r)^2, triangle (2r)(2r)/2.
+AREA_PER_RADIUS2 = {"circle": math.pi, "square": 4.0, "triangle": 2.0}
 # How a caption places the object on each background ("a circle in the sky").
 BACKGROUND_PHRASES = {"grass": "on grass", "sky": "in the sky", "sand": "on sand", "night": "at night"}
 
@@ -36,16 +44,22 @@ class ShapesConfig:
     size: int = 32
     shapes: tuple[str, ...] = SHAPES
     backgrounds: tuple[str, ...] = BACKGROUNDS
+    colours: tuple[str, ...] = tuple(COLOURS)
     two_object_prob: float = 0.5  # otherwise one object
     area_range: tuple[float, float] = (0.20, 0.45)
     tag_caption_prob: float = 0.25  # "circle square grass" instead of a sentence
+    colour_caption_prob: float = 0.5  # "a red circle and a blue square on grass" instead of "a circle and ..."
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.shapes if s not in SHAPE_COLOURS] + [
-            b for b in self.backgrounds if b not in BACKGROUND_PHRASES
-        ]
+        unknown = (
+            [s for s in self.shapes if s not in AREA_PER_RADIUS2]
+            + [b for b in self.backgrounds if b not in BACKGROUND_PHRASES]
+            + [c for c in self.colours if c not in COLOURS]
+        )
         if unknown:
-            raise ValueError(f"unknown shape/background words {unknown}; known: {SHAPES} and {BACKGROUNDS}")
+            raise ValueError(
+                f"unknown shape/background/colour words {unknown}; known: {SHAPES}, {BACKGROUNDS} and {tuple(COLOURS)}"
+            )
         if self.size < 16:
             raise ValueError(f"size {self.size} is too small to draw recognisable shapes; use 16 or more")
         low, high = self.area_range
@@ -54,13 +68,14 @@ class ShapesConfig:
 
     @property
     def concept_words(self) -> tuple[str, ...]:
-        """Every word that has a mask: the backgrounds, then the shapes."""
+        """The words scored by the segmentation benchmark: the backgrounds, then the shapes (colour words
+        have masks too: `ShapesSample.colour_mask`)."""
         return self.backgrounds + self.shapes
 
 
 def vocabulary(config: ShapesConfig = ShapesConfig()) -> list[str]:
     """All words any caption can contain (for building the tiny tokenizers)."""
-    words = {"a", "and"} | set(config.shapes) | set(config.backgrounds)
+    words = {"a", "and"} | set(config.shapes) | set(config.backgrounds) | set(config.colours)
     for background in config.backgrounds:
         words |= set(BACKGROUND_PHRASES[background].split())
     return sorted(words)
@@ -81,6 +96,12 @@ class ShapesSample:
     image_id: str  # "shapes-{seed}-{index}"
     caption: str
     areas: dict[str, float] = field(default_factory=dict)  # fraction of pixels per class name
+    colours: list[str] = field(default_factory=list)  # colour word of each object, in drawing order
+
+    def colour_mask(self, colour: str) -> np.ndarray:
+        """(H, W) bool: the pixels of the objects that have this colour (all False if none has)."""
+        labels = [label for label, c in enumerate(self.colours, start=1) if c == colour]
+        return np.isin(self.mask, labels)
 
 
 class ShapesDataset:
@@ -107,26 +128,32 @@ def make_sample(seed: int, index: int, config: ShapesConfig = ShapesConfig()) ->
     background = config.backgrounds[rng.integers(len(config.backgrounds))]
     num_objects = 2 if (len(config.shapes) > 1 and rng.random() < config.two_object_prob) else 1
     shapes = [config.shapes[i] for i in rng.permutation(len(config.shapes))[:num_objects]]
+    colours = [config.colours[i] for i in rng.integers(len(config.colours), size=num_objects)]  # independent
 
     pixels = background_texture(background, n, rng)  # (H, W, 3) float in [0, 255]
     mask = np.zeros((n, n), dtype=np.int64)
     for label, region in enumerate(place_objects(shapes, n, config.area_range, rng), start=1):
-        pixels[region] = object_pixels(shapes[label - 1], region, rng)[region]
+        pixels[region] = object_pixels(colours[label - 1], region, rng)[region]
         mask[region] = label
 
     class_names = [background, *shapes]
     areas = {name: float((mask == i).mean()) for i, name in enumerate(class_names)}
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
-    caption = make_caption(shapes, background, config, rng)
-    return ShapesSample(image, mask, class_names, f"shapes-{seed}-{index}", caption, areas)
+    caption = make_caption(shapes, colours, background, config, rng)
+    return ShapesSample(image, mask, class_names, f"shapes-{seed}-{index}", caption, areas, colours)
 
 
-def make_caption(shapes: list[str], background: str, config: ShapesConfig, rng: np.random.Generator) -> str:
-    """'a circle and a square on grass', or with probability tag_caption_prob 'circle square grass'."""
-    order = [shapes[i] for i in rng.permutation(len(shapes))]
+def make_caption(
+    shapes: list[str], colours: list[str], background: str, config: ShapesConfig, rng: np.random.Generator
+) -> str:
+    """'a circle and a square on grass', with probability colour_caption_prob 'a red circle and a blue square
+    on grass'; with probability tag_caption_prob as tags instead ('circle square grass', 'red circle ...')."""
+    order = rng.permutation(len(shapes))
+    named = rng.random() < config.colour_caption_prob
+    objects = [f"{colours[i]} {shapes[i]}" if named else shapes[i] for i in order]
     if rng.random() < config.tag_caption_prob:
-        return " ".join([*order, background])
-    return " and ".join(f"a {s}" for s in order) + " " + BACKGROUND_PHRASES[background]
+        return " ".join([*objects, background])
+    return " and ".join(f"a {o}" for o in objects) + " " + BACKGROUND_PHRASES[background]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,10 +172,6 @@ def shape_region(shape: str, n: int, cy: float, cx: float, radius: float) -> np.
         half_width = radius * (y - top) / (bottom - top)
         return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
-
-
-# Area of each shape per squared half-size: circle pi r^2, square (2r)^2, triangle (2r)(2r)/2.
-AREA_PER_RADIUS2 = {"circle": math.pi, "square": 4.0, "triangle": 2.0}
 
 
 def place_objects(
@@ -224,11 +247,51 @@ def background_texture(background: str, n: int, rng: np.random.Generator) -> np.
     return np.clip(base, 0, 255).astype(np.float64)
 
 
-def object_pixels(shape: str, region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(n, n, 3) float: the shape's colour family, jittered per object, lit from the top left."""
+def object_pixels(colour: str, region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n, n, 3) float: the named colour, jittered per object, lit from the top left."""
     n = region.shape[0]
-    colour = np.array(SHAPE_COLOURS[shape], dtype=np.float64) + rng.normal(0, 12, size=3)
+    colour = np.array(COLOURS[colour], dtype=np.float64) + rng.normal(0, 6, size=3)
     yy, xx = np.mgrid[0:n, 0:n] / n
     light = 1.08 - 0.16 * (yy + xx) / 2
     pixels = colour * light[..., None] + rng.normal(0, 4, size=(n, n, 3))
     return np.clip(pixels, 0, 255)
+
+
+# ----------------------------------------------------------------------------------------------
+# The colour rule: a model-free reference line that reads colours only
+
+
+# The shape word the colour rule answers for each colour: the old world's pairing (red circle, purple square,
+# yellow triangle) extended to the new colours. In this world it is right by chance only.
+COLOUR_RULE_SHAPES = {"red": "circle", "orange": "circle", "purple": "square", "blue": "square",
+                      "yellow": "triangle", "pink": "triangle"}
+
+
+def border_colour(pixels: np.ndarray) -> np.ndarray:
+    """(3,) median colour of the outermost ring of pixels of an (H, W, 3) image: the background's colour."""
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    return np.median(ring, axis=0)
+
+
+def colour_rule_scores(image: Image.Image, concepts: list[str]) -> np.ndarray:
+    """(len(concepts), H, W) scores = minus the colour distance of each pixel to what a concept looks like.
+
+    A colour word looks like its colour; a shape word like the colours COLOUR_RULE_SHAPES pairs with it; the
+    background word nearest to the border colour looks like the border colour, the others like their base
+    colour. Argmax over the offered concepts labels each pixel by its nearest colour; no geometry is used."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    border = border_colour(pixels)
+    nearest_background = min(BACKGROUND_COLOURS, key=lambda b: np.linalg.norm(border - BACKGROUND_COLOURS[b]))
+    scores = []
+    for concept in concepts:
+        if concept in COLOURS:
+            looks = [COLOURS[concept]]
+        elif concept in COLOUR_RULE_SHAPES.values():
+            looks = [COLOURS[c] for c, shape in COLOUR_RULE_SHAPES.items() if shape == concept]
+        elif concept in BACKGROUND_COLOURS:
+            looks = [border if concept == nearest_background else BACKGROUND_COLOURS[concept]]
+        else:
+            raise ValueError(f"the colour rule knows no colour for {concept!r}; it reads the words of shapes.py")
+        distances = [np.linalg.norm(pixels - np.asarray(look, dtype=np.float64), axis=-1) for look in looks]
+        scores.append(-np.min(distances, axis=0))
+    return np.stack(scores)

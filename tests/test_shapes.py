@@ -1,4 +1,5 @@
-"""The procedural shapes dataset: exact masks, determinism, captions, areas.
+"""The procedural shapes dataset: exact masks, colours independent of shapes, determinism, captions, areas,
+and the colour rule (a model-free reference line).
 
 The masks are checked against the pixels (an object's pixels, and only they, have its colour) and
 against geometry (how much of its bounding box each shape fills), not against the generator's own
@@ -10,13 +11,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from concept_attention.shapes import (
+    BACKGROUND_COLOURS,
     BACKGROUNDS,
-    SHAPE_COLOURS,
+    COLOUR_RULE_SHAPES,
+    COLOURS,
     SHAPES,
     ShapesConfig,
     ShapesDataset,
+    colour_rule_scores,
     make_sample,
     vocabulary,
 )
@@ -37,11 +42,14 @@ def test_masks_partition_the_image_and_match_the_pixels(seed, index):
     assert sample.class_names[0] in BACKGROUNDS
     assert all(name in SHAPES for name in sample.class_names[1:])
     assert len(set(sample.class_names)) == len(sample.class_names)
-    for label, name in enumerate(sample.class_names[1:], start=1):
-        distance = np.linalg.norm(pixels - np.array(SHAPE_COLOURS[name]), axis=-1)
+    assert len(sample.colours) == len(sample.class_names) - 1 and set(sample.colours) <= set(COLOURS)
+    for label, colour in enumerate(sample.colours, start=1):
+        distance = np.linalg.norm(pixels - np.array(COLOURS[colour]), axis=-1)
         inside = sample.mask == label
-        assert distance[inside].max() < 85, f"{name}: a masked pixel does not have the object's colour"
-        assert distance[~inside].min() > 85, f"{name}: an unmasked pixel has the object's colour"
+        assert distance[inside].max() < 60, f"{colour}: a masked pixel does not have the object's colour"
+        same_colour = sample.colour_mask(colour)
+        assert same_colour[inside].all()
+        assert distance[~same_colour].min() > 60, f"{colour}: an unmasked pixel has the object's colour"
 
 
 # Fraction of its bounding box a rasterised shape fills: 1 for a square, pi/4 for a disc, 1/2 for a triangle.
@@ -85,6 +93,30 @@ def test_captions_mention_exactly_the_concept_words(seed, index):
     assert sample.class_names[0] in words
     assert {w for w in words if w in SHAPES} == set(sample.class_names[1:])
     assert not {w for w in words if w in BACKGROUNDS} - {sample.class_names[0]}
+    named = [(w, words[i + 1]) for i, w in enumerate(words) if w in COLOURS]
+    assert not named or sorted(named) == sorted(zip(sample.colours, sample.class_names[1:]))  # right colour
+
+
+def test_colours_are_independent_of_shapes():
+    """Pearson's chi-square test of independence on the (shape, colour) table of 3,000 objects: the old world
+    (one colour per shape) gives thousands; independent draws stay below the 0.1% critical value."""
+    table = np.zeros((len(SHAPES), len(COLOURS)))
+    for i in range(2000):
+        sample = make_sample(11, i)
+        for shape, colour in zip(sample.class_names[1:], sample.colours):
+            table[SHAPES.index(shape), list(COLOURS).index(colour)] += 1
+    assert table.sum() > 2800 and (table > 0).all()
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    chi2 = ((table - expected) ** 2 / expected).sum()
+    assert chi2 < 29.59  # chi-square, (3 - 1) * (6 - 1) = 10 degrees of freedom, p = 0.001
+    # and colour predicts shape no better than chance: the best colour -> shape table is right ~1/3 of the time
+    assert table.max(0).sum() / table.sum() < 0.40
+
+
+def test_captions_name_colours_half_of_the_time():
+    captions = [make_sample(4, i).caption for i in range(400)]
+    named = np.mean([any(c in caption.split() for c in COLOURS) for caption in captions])
+    assert 0.4 < named < 0.6
 
 
 def test_deterministic_in_seed_and_index():
@@ -102,13 +134,73 @@ def test_dataset_covers_the_vocabulary():
     assert {s.class_names[0] for s in samples} == set(BACKGROUNDS)
     assert {n for s in samples for n in s.class_names[1:]} == set(SHAPES)
     assert {len(s.class_names) for s in samples} == {2, 3}
+    assert {c for s in samples for c in s.colours} == set(COLOURS) and len(COLOURS) >= 6
     assert any(s.caption.startswith("a ") for s in samples) and any(not s.caption.startswith("a ") for s in samples)
 
 
 def test_bad_configuration_and_index_are_reported():
     with pytest.raises(ValueError, match="unknown shape"):
         ShapesConfig(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="hexagon"):
+        ShapesConfig(colours=("red", "hexagon"))
     with pytest.raises(ValueError, match="area_range"):
         ShapesConfig(area_range=(0.3, 0.9))
     with pytest.raises(IndexError, match="out of range"):
         ShapesDataset(length=5)[5]
+
+
+def test_colours_are_far_from_each_other_and_from_the_backgrounds():
+    """What makes the masks recoverable from the pixels and the colour rule well defined."""
+    bases = {**COLOURS, **BACKGROUND_COLOURS}
+    names = list(bases)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert np.linalg.norm(np.subtract(bases[a], bases[b])) > 85, (a, b)
+
+
+def picture(background: tuple, squares: dict) -> Image.Image:
+    """A hand-made 8x8 image: one background colour and solid squares {(y0, x0, y1, x1): rgb}."""
+    pixels = np.tile(np.array(background, dtype=np.uint8), (8, 8, 1))
+    for (y0, x0, y1, x1), rgb in squares.items():
+        pixels[y0:y1, x0:x1] = rgb
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def test_colour_rule_labels_pixels_by_nearest_colour_on_a_hand_made_image():
+    # sand background; an orange block (the rule says "circle") and a blue block (the rule says "square")
+    image = picture(BACKGROUND_COLOURS["sand"], {(1, 1, 4, 4): COLOURS["orange"], (5, 5, 8, 8): COLOURS["blue"]})
+    concepts = ["sand", "circle", "square", "triangle", "orange", "grass"]
+    scores = colour_rule_scores(image, concepts)
+    assert scores.shape == (6, 8, 8)
+    labels = np.array(concepts)[scores[:5].argmax(0)]           # colour words aside: shapes vs sand
+    assert (labels[1:4, 1:4] == "circle").all() and (labels[5:, 5:] == "square").all()
+    assert (labels[0] == "sand").all() and labels[4, 0] == "sand"
+    # a colour word's score is exactly minus the distance to its colour; the border colour stands for sand
+    assert scores[4, 2, 2] == 0.0 and scores[0, 0, 0] == 0.0
+    assert scores[4, 0, 0] == pytest.approx(-np.linalg.norm(np.subtract(BACKGROUND_COLOURS["sand"], COLOURS["orange"])))
+    # a background word that is not the border's is compared with its base colour
+    assert scores[5, 0, 0] == pytest.approx(-np.linalg.norm(np.subtract(BACKGROUND_COLOURS["sand"],
+                                                                        BACKGROUND_COLOURS["grass"])))
+    # triangle looks like yellow or pink: the nearer of the two
+    pink_distance = np.linalg.norm(np.subtract(COLOURS["blue"], COLOURS["pink"]))
+    yellow_distance = np.linalg.norm(np.subtract(COLOURS["blue"], COLOURS["yellow"]))
+    assert scores[3, 6, 6] == pytest.approx(-min(pink_distance, yellow_distance))
+    with pytest.raises(ValueError, match="hexagon"):
+        colour_rule_scores(image, ["hexagon"])
+
+
+def test_colour_rule_is_at_chance_on_shape_words():
+    """Offered [background, shape A, shape B] on two-object images, it picks each object's own shape word for
+    about half of the object pixels: colour carries no shape information in this world."""
+    right = total = 0
+    for i in range(300):
+        sample = make_sample(12, i)
+        if len(sample.class_names) != 3:
+            continue
+        scores = colour_rule_scores(sample.image, sample.class_names)
+        predicted = scores.argmax(0)
+        objects = sample.mask > 0
+        right += (predicted[objects] == sample.mask[objects]).sum()
+        total += objects.sum()
+    assert 0.35 < right / total < 0.65
+    assert set(COLOUR_RULE_SHAPES) == set(COLOURS) and set(COLOUR_RULE_SHAPES.values()) == set(SHAPES)
