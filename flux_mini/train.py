@@ -8,9 +8,10 @@ Latents are packed into 2x2 patches exactly as at sampling time, so a pixel-spac
 (identity autoencoder, in_channels = 4 * 3 = 12) loads into the normal pipeline. Text conditioning
 arrives precomputed (frozen encoders), so this loop never runs T5 or CLIP.
 
-Everything random (timesteps, noise, caption dropout) comes from one generator whose state is saved
+Everything random (timesteps, noise, caption dropout) comes from one CPU generator whose state is saved
 with the model, the EMA and the optimizer: resuming from a checkpoint continues bit-identically as
-long as the data source is a pure function of the step.
+long as the data source is a pure function of the step. The model may live on any device (batches are
+moved to it); the random draws stay on the CPU, so a run's noise does not depend on the device.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def flow_pair(x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 
 def drop_conditioning(batch: Batch, null: Conditioning, config: TrainConfig, generator: torch.Generator) -> Batch:
     """Replace whole captions by the empty prompt (caption_dropout), then zero y (zero_y_prob), per sample."""
-    b = batch.latents.shape[0]
-    drop = torch.rand(b, generator=generator) < config.caption_dropout
-    zero_y = torch.rand(b, generator=generator) < config.zero_y_prob
+    b, device = batch.latents.shape[0], batch.latents.device
+    drop = (torch.rand(b, generator=generator) < config.caption_dropout).to(device)
+    zero_y = (torch.rand(b, generator=generator) < config.zero_y_prob).to(device)
     txt = torch.where(drop[:, None, None], null.null_txt.to(batch.txt), batch.txt)
     y = torch.where(drop[:, None], null.null_y.to(batch.y), batch.y)
     y = torch.where(zero_y[:, None], torch.zeros_like(y), y)
@@ -145,8 +146,10 @@ class Trainer:
     def train_step(self, batch: Batch) -> float:
         """One optimiser step on `batch`; returns the loss before the update."""
         cfg = self.config
+        device = next(self.model.parameters()).device
+        batch = Batch(batch.latents.to(device), batch.txt.to(device), batch.y.to(device))
         batch = drop_conditioning(batch, self.null, cfg, self.generator)
-        t = sample_timesteps(batch.latents.shape[0], cfg.logit_mean, cfg.logit_std, self.generator)
+        t = sample_timesteps(batch.latents.shape[0], cfg.logit_mean, cfg.logit_std, self.generator).to(device)
         noise = torch.randn(batch.latents.shape, generator=self.generator).to(batch.latents)
 
         for group in self.optimizer.param_groups:
@@ -214,8 +217,8 @@ class Trainer:
         tmp.replace(path)
 
     @classmethod
-    def resume(cls, path: str | Path, config: TrainConfig | None = None) -> Trainer:
-        """Rebuild a trainer from `save`; `config` overrides the saved one (e.g. a new lr) when given."""
+    def resume(cls, path: str | Path, config: TrainConfig | None = None, device: str | torch.device = "cpu") -> Trainer:
+        """Rebuild a trainer from `save` on `device`; `config` overrides the saved one (e.g. a new lr) when given."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no training checkpoint at {path}; start a new run instead of resuming")
@@ -224,6 +227,7 @@ class Trainer:
         config = config or TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
         model = Flux(FluxConfig(**state["flux_config"]))
         model.load_state_dict(state["model"])
+        model.to(device)
         trainer = cls(model, config, Conditioning(state["null_txt"], state["null_y"]), step=state["step"])
         trainer.ema.load_state_dict(state["ema"])
         trainer.optimizer.load_state_dict(state["optimizer"])
@@ -239,7 +243,7 @@ def export_transformer(
     The rest of a pipeline folder (autoencoder, t5/, clip/) belongs to the caller."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = copy.deepcopy(model).to(dtype)
+    weights = copy.deepcopy(model).to("cpu", dtype)
     path = folder / f"{name}.safetensors"
     save_flux(weights, path)
     (folder / "flux_config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")

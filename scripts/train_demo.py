@@ -1,12 +1,13 @@
 """Train the embedded demo model (weights/demo/): a tiny pixel-space Flux on the procedural shapes dataset.
 
-The exact recipe of the shipped model. A run keeps everything in --work-dir: text encoders (t5/, clip/),
-`checkpoint.pt` (model, EMA, optimizer, step, RNG: resumable), `benchmark.jsonl` (ConceptAttention vs
-cross-attention vs predict-background on held-out images, every --eval-every steps) and
-`exports/step-NNNNNN/`, at every benchmark a folder FluxPipeline.from_folder loads (EMA weights).
+A run keeps everything in --work-dir (outside the repository): `recipe.json` (what a new run was started
+with), text encoders (t5/, clip/), `checkpoint.pt` (model, EMA, optimizer, step, RNG: the same command
+continues bit-exactly on the same device) and `exports/step-NNNNNN/`, every --export-every steps a folder
+FluxPipeline.from_folder loads (EMA weights). Runs on the CPU or a GPU (--device).
 
-    PYTHONPATH=. python scripts/train_demo.py --work-dir /work/demo-training --steps 20000   # new or resumed
-    PYTHONPATH=. python scripts/train_demo.py --work-dir /work/demo-training --benchmark-only
+    PYTHONPATH=. python scripts/train_demo.py --work-dir /work/demo-training-v2 --steps 20000   # new or resumed
+    PYTHONPATH=. python scripts/train_demo.py --work-dir /work/demo-training-v2 --benchmark-only \
+        --model /work/demo-training-v2/exports/step-020000
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ import argparse
 import io
 import json
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from concept_attention.maps import compute_concept_maps
 from concept_attention.shapes import ShapesConfig, make_sample, vocabulary
 from flux_mini.autoencoder import IdentityAutoEncoder
-from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
-from flux_mini.sampling import image_ids, pack, text_ids
 from flux_mini.text_encoders import CLIPEmbedder, T5Embedder
 from flux_mini.tiny import clip_vocab
 from flux_mini.train import (
@@ -36,20 +32,20 @@ from flux_mini.train import (
 )
 
 T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
-TRAIN_SEED, HELD_OUT_SEED = 0, 1  # dataset streams: training images never appear in the benchmark
+TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
 
 
-def demo_flux_config(depth: int = 4, depth_single_blocks: int = 1) -> FluxConfig:
-    """1.6M parameters: 4 double blocks (where ConceptAttention reads) and 1 single block; hidden 96 so
-    that a step takes well under a second on one core."""
+def demo_flux_config(depth: int = 4, depth_single_blocks: int = 1, hidden_size: int = 96) -> FluxConfig:
+    """1.6M parameters at hidden 96: 4 double blocks (where ConceptAttention reads) and 1 single block, so
+    that a step takes well under a second on one core. Heads of 24 channels (RoPE axes 8/8/8)."""
     return FluxConfig(
         in_channels=12,  # 2x2 patches of RGB pixels
         out_channels=12,
         vec_in_dim=CLIP_DIM,
         context_in_dim=T5_DIM,
-        hidden_size=96,
+        hidden_size=hidden_size,
         mlp_ratio=4.0,
-        num_heads=4,
+        num_heads=hidden_size // 24,
         depth=depth,
         depth_single_blocks=depth_single_blocks,
         axes_dim=(8, 8, 8),
@@ -149,93 +145,18 @@ def to_pixels(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def shapes_data(encoder: CaptionEncoder, batch_size: int, seed: int = TRAIN_SEED):
-    """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step."""
+def shapes_data(encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED):
+    """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step. Curriculum: the
+    first `single_object_steps` batches show one object per image (each shape word alone with its outline)."""
+    single, mixed = ShapesConfig(two_object_prob=0.0), ShapesConfig()
 
     def data(step: int) -> Batch:
-        samples = [make_sample(seed, step * batch_size + i) for i in range(batch_size)]
+        config = single if step < single_object_steps else mixed
+        samples = [make_sample(seed, step * batch_size + i, config) for i in range(batch_size)]
         txt, y = encoder([s.caption for s in samples])
         return Batch(to_pixels([s.image for s in samples]), txt, y)
 
     return data
-
-
-# ----------------------------------------------------------------------------------------------
-# The benchmark: encode mode, exact masks
-
-
-CLASSES = ("background", *ShapesConfig().shapes)  # scored classes; every background word counts as background
-
-
-@torch.no_grad()
-def benchmark(
-    model: Flux, encoder: CaptionEncoder, num_images: int = 50, t: float = 0.5, layers: list[int] | None = None
-) -> dict:
-    """Pooled pixel accuracy and mIoU over (background, circle, square, triangle) on held-out images.
-
-    Encode mode as in the paper: x_t = (1 - t) x0 + t noise, empty prompt, y = 0, one forward pass, maps
-    averaged over `layers` (default: all double blocks), softmax over concepts. Concepts = every background
-    word and every shape word (no oracle): a pixel counts as background when a background word wins."""
-    config = ShapesConfig()
-    words = [*config.backgrounds, *config.shapes]
-    to_class = torch.tensor([0] * len(config.backgrounds) + list(range(1, len(config.shapes) + 1)))
-    samples = [make_sample(HELD_OUT_SEED, i) for i in range(num_images)]
-    x0 = to_pixels([s.image for s in samples])
-    b, _, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1234))
-    img = pack((1 - t) * x0 + t * noise)
-    null_txt, _ = encoder([""])
-    txt = null_txt.expand(b, -1, -1)
-    concept_txt = encoder.concepts(words)[None].expand(b, -1, -1)
-    args = (img, image_ids(b, h // 2, w // 2), txt, text_ids(b, txt.shape[1]), torch.full((b,), t))
-    y = torch.zeros(b, model.config.vec_in_dim)
-    truth = torch.stack([torch.from_numpy(_class_mask(s, config)) for s in samples])  # (B, H, W)
-
-    results = {"predict_background": _scores(torch.zeros_like(truth), truth)}
-    for name, space in (("concept_attention", "output"), ("cross_attention", "cross_attention")):
-        maps = compute_concept_maps(model, *args, y, concept_txt, layers=layers, space=space)  # (B, r, N)
-        maps = maps.reshape(b, len(words), h // 2, w // 2)
-        maps = F.interpolate(maps, size=(h, w), mode="nearest")
-        predicted = to_class[maps.argmax(dim=1)]
-        results[name] = _scores(predicted, truth)
-    return results
-
-
-def benchmark_table(model: Flux, encoder: CaptionEncoder, num_images: int) -> str:
-    """Markdown rows: the tracked protocol (all double blocks), the last two double blocks (as the paper
-    reads Flux's last ones) and the single-block extension; pixel accuracy / mIoU, then per-class IoU."""
-    depth = model.config.depth
-    settings = {
-        f"double blocks 0-{depth - 1}": None,
-        f"double blocks {depth - 2}-{depth - 1}": [depth - 2, depth - 1],
-        f"all {model.config.num_layers} blocks (single-block extension)": list(range(model.config.num_layers)),
-    }
-    header = "| layers | method | pixel acc. | mIoU | " + " | ".join(CLASSES) + " |"
-    rows = [header, "|---|---|---|---|" + "---|" * len(CLASSES)]
-    for label, layers in settings.items():
-        for method, r in benchmark(model, encoder, num_images, layers=layers).items():
-            ious = " | ".join(f"{r['iou'][c]:.3f}" for c in CLASSES)
-            rows.append(f"| {label} | {method} | {r['pixel_accuracy']:.3f} | {r['miou']:.3f} | {ious} |")
-    return "\n".join(rows)
-
-
-def _class_mask(sample, config: ShapesConfig) -> np.ndarray:
-    """The sample's labels mapped to CLASSES indices."""
-    lookup = np.array([0] + [1 + config.shapes.index(n) for n in sample.class_names[1:]])
-    return lookup[sample.mask]
-
-
-def _scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
-    ious = {}
-    for k, name in enumerate(CLASSES):
-        p, g = predicted == k, truth == k
-        union = (p | g).sum().item()
-        ious[name] = (p & g).sum().item() / union if union else float("nan")
-    return {
-        "pixel_accuracy": (predicted == truth).float().mean().item(),
-        "miou": float(np.nanmean(list(ious.values()))),
-        "iou": ious,
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,61 +177,93 @@ def export_folder(model: Flux, text_folder: Path, out: Path, dtype: torch.dtype 
 # ----------------------------------------------------------------------------------------------
 
 
+def benchmark_export(folder: Path, num_images: int, seed: int, out: Path, device: str) -> str:
+    """The demo benchmark (`concept-attention eval --dataset shapes`) on `num_images` images of stream `seed`,
+    with the caption prompt (preset shapes) and the empty prompt (preset shapes-binding): a markdown report."""
+    from concept_attention.pipeline import ConceptAttentionPipeline
+    from concept_attention.segmentation import EvalConfig, evaluate, get_preset, load_dataset
+    from concept_attention.segmentation.evaluate import binding_table, default_methods
+
+    dataset = load_dataset("shapes", f"{num_images}:{seed}")
+    pipe = ConceptAttentionPipeline.from_folder(folder, device=device)
+    report = [f"# {folder} on shapes {num_images}:{seed}"]
+    for preset in ("shapes", "shapes-binding"):
+        config = EvalConfig("shapes", get_preset(preset), default_methods(preset))
+        summary = evaluate(dataset, pipe, config, out / preset, progress=False, plots=False, device=device)
+        report += [f"\n## preset {preset}\n", binding_table(summary, dataset.class_names)]
+    return "\n".join(report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--work-dir", type=Path, required=True, help="keep it outside the repository")
     parser.add_argument("--steps", type=int, default=20_000, help="train until this step (resumes if possible)")
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4, help="also applies when resuming")
     parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--eval-every", type=int, default=1000)
-    parser.add_argument("--eval-images", type=int, default=50)
-    parser.add_argument("--depth", type=int, default=4, help="double blocks (new runs only)")
-    parser.add_argument("--single-depth", type=int, default=1, help="single blocks (new runs only)")
+    parser.add_argument("--export-every", type=int, default=1000, help="write exports/step-NNNNNN/ (EMA weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--benchmark-only", action="store_true", help="print a table for the EMA (or --model)")
-    parser.add_argument("--model", type=Path, help="with --benchmark-only: a flux1-*.safetensors to score instead")
+    group = parser.add_argument_group("recipe of a new run (stored in WORK/recipe.json; a resume reads it from there)")
+    group.add_argument("--batch-size", type=int, default=16)
+    group.add_argument("--hidden", type=int, default=96)
+    group.add_argument("--depth", type=int, default=4, help="double blocks")
+    group.add_argument("--single-depth", type=int, default=1, help="single blocks")
+    group.add_argument("--single-object-steps", type=int, default=0, help="curriculum: one object per image first")
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--benchmark-only", action="store_true",
+                       help="score --model (an export folder) with the demo benchmark and print the tables")
+    group.add_argument("--model", type=Path, help="with --benchmark-only: a pipeline folder (e.g. exports/step-N)")
+    group.add_argument("--eval-images", type=int, default=200)
+    group.add_argument("--eval-seed", type=int, default=2, help="image stream (training uses 0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
     work = args.work_dir
+
+    if args.benchmark_only:
+        if args.model is None:
+            raise SystemExit("error: --benchmark-only needs --model FOLDER (e.g. WORK/exports/step-010000)")
+        out = work / "benchmarks" / f"{args.model.resolve().name}-{args.eval_images}-{args.eval_seed}"
+        report = benchmark_export(args.model, args.eval_images, args.eval_seed, out, args.device)
+        (out / "report.md").write_text(report + "\n")
+        print(report)
+        return
+
+    recipe_path = work / "recipe.json"
+    if recipe_path.exists():
+        recipe = json.loads(recipe_path.read_text())
+    else:
+        recipe = {"batch_size": args.batch_size, "hidden": args.hidden, "depth": args.depth,
+                  "single_depth": args.single_depth, "single_object_steps": args.single_object_steps}
+        work.mkdir(parents=True, exist_ok=True)
+        recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     if not (work / "t5").exists():
         build_text_encoders(work, vocabulary(), seed=0)
     encoder = CaptionEncoder(work)
     checkpoint = work / "checkpoint.pt"
     if checkpoint.exists():
-        trainer = Trainer.resume(checkpoint)
+        trainer = Trainer.resume(checkpoint, device=args.device)
         if args.lr != trainer.config.lr:  # e.g. a lower learning rate for the last stretch
-            trainer = Trainer.resume(checkpoint, replace(trainer.config, lr=args.lr))
-        print(f"resumed at step {trainer.step}, lr {trainer.config.lr}")
+            trainer = Trainer.resume(checkpoint, replace(trainer.config, lr=args.lr), device=args.device)
+        print(f"resumed at step {trainer.step}, lr {trainer.config.lr}, recipe {json.dumps(recipe)}")
     else:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
-        config = TrainConfig(batch_size=args.batch_size, lr=args.lr, ema_decay=0.998)
-        model = zero_init_modulation_(Flux(demo_flux_config(args.depth, args.single_depth)))
-        trainer = Trainer(model, config, Conditioning(null_txt, null_y))
+        config = TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, ema_decay=0.998)
+        flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"])
+        model = zero_init_modulation_(Flux(flux_config)).to(args.device)
+        trainer = Trainer(model, config, Conditioning(null_txt.to(args.device), null_y.to(args.device)))
     print(f"model {parameter_count(trainer.model)} parameters, {json.dumps(trainer.model.config.to_dict())}")
 
-    def evaluate(trainer: Trainer) -> None:
-        if trainer.step % args.eval_every and trainer.step != args.steps and not args.benchmark_only:
+    def export(trainer: Trainer) -> None:
+        if trainer.step % args.export_every and trainer.step != args.steps:
             return
-        start = time.time()
-        scores = benchmark(trainer.ema, encoder, args.eval_images)
-        record = {"step": trainer.step, "seconds": round(time.time() - start, 1), **scores}
-        with open(work / "benchmark.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps({k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if kk != "iou"})
-                          for k, v in record.items()}), flush=True)
-        export_folder(trainer.ema, work, work / "exports" / f"step-{trainer.step:06d}")
+        folder = export_folder(trainer.ema, work, work / "exports" / f"step-{trainer.step:06d}")
+        print(f"step {trainer.step}: exported {folder}", flush=True)
 
-    if args.benchmark_only:
-        model = trainer.ema if args.model is None else load_flux(args.model)
-        print(benchmark_table(model, encoder, args.eval_images))
-        return
     if trainer.step == 0:
-        evaluate(trainer)  # the untrained model, for the table
-    data = shapes_data(encoder, trainer.config.batch_size)
-    trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, evaluate)
+        export(trainer)  # the untrained model (weights/demo-untrained)
+    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"])
+    trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, export)
 
 
 if __name__ == "__main__":
