@@ -153,7 +153,8 @@ def test_oracle_maps_score_perfectly(tmp_path):
 def test_one_pass_per_attention_and_t(tmp_path):
     data = painted_dataset(2)
     provider = PaintedProvider(noise=0.3)
-    config = EvalConfig("painted", protocol(), methods=tuple(METHODS), per_layer=True, sweep_t=(0.25, 0.75))
+    methods = tuple(m for m in METHODS if m != "colour_rule")       # the colour rule reads the shapes' words only
+    config = EvalConfig("painted", protocol(), methods=methods, per_layer=True, sweep_t=(0.25, 0.75))
     summary = evaluate(data, provider, config, tmp_path, progress=False, plots=False)
     # attention both/cross/self/none x t in {0.5, 0.25, 0.75}; per-layer maps only from the main t
     assert len(provider.calls) == 2 * 4 * 3
@@ -442,7 +443,7 @@ def test_cli_baseline_rows_equal_the_baseline_model_alone(pixel_space_pair, tmp_
     assert run_eval(parse(*common, "--weights", str(untrained), "--out", str(tmp_path / "alone"))) == 0
     both = json.loads((tmp_path / "both" / "summary.json").read_text())
     alone = json.loads((tmp_path / "alone" / "summary.json").read_text())["results"]
-    assert both["config"]["methods"] == [*DEFAULT_METHODS, "predict_background"]     # the shapes preset's line
+    assert both["config"]["methods"] == [*DEFAULT_METHODS, "predict_background", "colour_rule", "oracle_random_word"]
     for method in DEFAULT_METHODS:
         assert both["results"][f"untrained: {method}"] == alone[method]
     assert both["results"]["predict_background"] == alone["predict_background"]

@@ -278,6 +278,7 @@ class ShapesSegmentation(Sequence[SegSample]):
         except ValueError:
             raise DatasetError(f"--data for shapes is LENGTH[:SEED] (e.g. 200:1), got {text!r}") from None
         self.class_names = list(self._data.config.concept_words)
+        self.object_labels = [self.class_names.index(shape) for shape in self._data.config.shapes]  # binding
 
     def __len__(self) -> int:
         return len(self._data)

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -26,10 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from concept_attention.segmentation.datasets import DATASETS, DatasetError, SegSample, load_dataset, resize_mask
+from concept_attention.segmentation.datasets import (
+    DATASETS, IGNORE_LABEL, DatasetError, SegSample, load_dataset, resize_mask,
+)
 from concept_attention.segmentation.distributed import DistContext, init_distributed
 from concept_attention.segmentation.metrics import (
-    PooledScores, binary_paper_ap, confusion_matrix, foreground_ap, mean_iou, onehot_average_precision,
+    PooledScores, binary_paper_ap, binding_accuracy, confusion_matrix, foreground_ap, mean_iou, onehot_average_precision,
 )
 from concept_attention.segmentation.protocols import (
     PRESETS, RESAMPLE, ProtocolError, SegProtocol, Vocabulary, get_preset, prepare_image, vocabulary,
@@ -75,10 +78,14 @@ METHODS: dict[str, Method] = {
     "ablation_self_only": Method("self", "output"),       # concepts attend to each other only
     "ablation_no_attention": Method("none", "output"),    # o_c = v_c
     "predict_background": Method(None, "background"),      # reference line: the image's background label everywhere
+    "colour_rule": Method(None, "colour_rule"),            # reference line (shapes): each pixel's nearest colour
+    "oracle_random_word": Method(None, "oracle_random_word"),  # reference line: exact objects, random words
 }
 MAP_FIELDS = {"output": "concept_maps", "cross_attention": "cross_attention_maps", "value": "value_maps"}
 DEFAULT_METHODS = ("concept_attention", "cross_attention", "value_space")
-PRESET_METHODS = {"shapes": (*DEFAULT_METHODS, "predict_background")}   # the demo benchmark has its reference line
+# The demo benchmark has its model-free reference lines.
+SHAPES_METHODS = (*DEFAULT_METHODS, "predict_background", "colour_rule", "oracle_random_word")
+PRESET_METHODS = {"shapes": SHAPES_METHODS, "shapes-binding": SHAPES_METHODS}
 
 
 def default_methods(preset: str) -> tuple[str, ...]:
@@ -222,6 +229,52 @@ def background_maps(vocab: Vocabulary, background_label: int) -> torch.Tensor:
     return (on / on.sum())[:, None, None]
 
 
+def colour_rule_maps(sample: SegSample, vocab: Vocabulary, protocol: SegProtocol) -> torch.Tensor:
+    """The colour-rule reference line (synthetic shapes only) as (r, S, S) maps: minus each pixel's colour distance
+    to what each offered word looks like (concept_attention.shapes.colour_rule_scores). No geometry, no model."""
+    from PIL import Image
+
+    from concept_attention.shapes import colour_rule_scores
+
+    image = sample.image.convert("RGB").resize((protocol.eval_size,) * 2, Image.Resampling.NEAREST)
+    try:
+        return torch.from_numpy(colour_rule_scores(image, vocab.concepts))
+    except ValueError as error:
+        raise EvalError(f"colour_rule reads the synthetic shapes' words only ({error}); drop the method") from None
+
+
+def oracle_random_word_maps(sample: SegSample, vocab: Vocabulary, target: np.ndarray, seed: int) -> torch.Tensor:
+    """The object-oracle reference line as (r, S, S) maps: the exact object masks (each non-background label of
+    the target is one object), each given one of the offered object words at random (seeded by the protocol's seed
+    and the image id, so a rerun draws the same). It shows what perfect outlines with unbound words score."""
+    background = [i for i, label in enumerate(vocab.labels) if label == sample.background_label]
+    words = [i for i, label in enumerate(vocab.labels) if label != sample.background_label]
+    if not background or not words:
+        raise EvalError("oracle_random_word needs the image's background word and at least one object word offered")
+    rng = np.random.default_rng([seed, zlib.crc32(sample.image_id.encode())])
+    maps = np.zeros((len(vocab.concepts), *target.shape))
+    maps[background[0]] = 1.0
+    for label in np.unique(target):
+        if label not in (sample.background_label, IGNORE_LABEL):
+            region = target == label
+            maps[background[0]][region] = 0.0
+            maps[words[rng.integers(len(words))]][region] = 1.0
+    return torch.from_numpy(maps)
+
+
+def reference_maps(method: str, sample: SegSample, vocab: Vocabulary, target: np.ndarray,
+                   protocol: SegProtocol) -> torch.Tensor:
+    """The maps of a model-free reference line (METHODS[method].attention is None)."""
+    space = METHODS[method].space
+    if space == "background":
+        return background_maps(vocab, sample.background_label)
+    if space == "colour_rule":
+        return colour_rule_maps(sample, vocab, protocol)
+    if space == "oracle_random_word":
+        return oracle_random_word_maps(sample, vocab, target, protocol.seed)
+    raise EvalError(f"no reference maps for {method!r}")
+
+
 def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, config: EvalConfig,
                    num_classes: int) -> dict[str, ImageScore]:
     """The result keys of one model (all of `config`'s but the baseline's) for one image, with one encode pass
@@ -234,8 +287,8 @@ def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, c
     wanted: dict[tuple[str, float | None], list[tuple[str, str, bool]]] = {}   # pass -> (key, method, per layer)
     for method in config.methods:
         if METHODS[method].attention is None:
-            results[method] = score_maps(background_maps(vocab, sample.background_label), vocab, target, protocol,
-                                         num_classes)
+            results[method] = score_maps(reference_maps(method, sample, vocab, target, protocol), vocab, target,
+                                         protocol, num_classes)
             continue
         wanted.setdefault((METHODS[method].attention, protocol.t), []).append((method, method, config.per_layer))
         for t in config.sweep_t:
@@ -284,8 +337,9 @@ def load_records(out_dir: Path) -> dict[int, dict]:
 
 
 def summarize(records: dict[int, dict], config: EvalConfig, num_classes: int,
-              class_names: list[str]) -> dict[str, dict]:
-    """Pooled metrics per key over the given records (exact: integer counts summed in index order)."""
+              class_names: list[str], object_labels: list[int] | None = None) -> dict[str, dict]:
+    """Pooled metrics per key over the given records (exact: integer counts summed in index order). With
+    `object_labels` (the shapes dataset's shape words), also the binding accuracy over two-object images."""
     summary = {}
     for key in config.keys():
         pooled = PooledScores(num_classes)
@@ -294,7 +348,23 @@ def summarize(records: dict[int, dict], config: EvalConfig, num_classes: int,
             nan = lambda x: float("nan") if x is None else x
             pooled.add(np.asarray(scores["confusion"]), nan(scores["ap_paper"]), nan(scores["ap_foreground"]))
         summary[key] = pooled.summary(class_names)
+        if object_labels is not None:
+            confusions = [records[index]["scores"][key]["confusion"] for index in sorted(records)]
+            accuracy, images = binding_accuracy(confusions, object_labels)
+            summary[key].update(binding_accuracy=accuracy, n_binding_images=images)
     return summary
+
+
+def binding_table(summary: dict[str, dict], class_names: list[str]) -> str:
+    """Markdown: pixel accuracy, mIoU, binding accuracy (two-object images) and the IoU of every word."""
+    pct = lambda x: "" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+    head = "| method | pixel acc. | mIoU | binding acc. | " + " | ".join(class_names) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, row in summary.items():
+        cells = [key, pct(row["pixel_accuracy"]), pct(row["miou"]), pct(row.get("binding_accuracy", math.nan))]
+        cells += [pct(row["iou_per_class"].get(name, math.nan)) for name in class_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(summary: dict[str, dict], binary: bool) -> str:
@@ -411,7 +481,8 @@ def evaluate(
         missing = sorted(set(range(total)) - set(records))
         if missing:
             raise EvalError(f"{len(missing)} images have no results (first {missing[:5]}); run again to finish them")
-        summary = summarize(records, config, num_classes, class_names)
+        object_labels = getattr(dataset, "object_labels", None) if config.protocol.task == "multiclass" else None
+        summary = summarize(records, config, num_classes, class_names, object_labels)
         _write_summary(out_dir, summary, config, total)
         if plots:
             from concept_attention.segmentation import plots as plotting
@@ -443,8 +514,15 @@ def _write_summary(out_dir: Path, summary: dict, config: EvalConfig, total: int)
         {"config": config.to_dict(), "images": total, "results": summary}, indent=2) + "\n")
     note = ("mIoU (true) is the mean IoU of background and object. The paper's ImageNet mIoU equals the "
             "paper-compatible column A/(2-A) of pooled pixel accuracy A (not a true IoU).\n") if binary else ""
+    binding = ""
+    if any("binding_accuracy" in row for row in summary.values()):
+        images = next(iter(summary.values()))["n_binding_images"]
+        names = list(next(iter(summary.values()))["iou_per_class"])
+        binding = (f"\nBinding accuracy: the fraction of object pixels given their own word, on the {images} images "
+                   f"with two different objects; then the IoU of every word.\n\n{binding_table(summary, names)}")
     (out_dir / "summary.md").write_text(
-        f"# {config.protocol.name} on {config.dataset} ({total} images)\n\n{markdown_table(summary, binary)}\n{note}")
+        f"# {config.protocol.name} on {config.dataset} ({total} images)\n\n{markdown_table(summary, binary)}\n{note}"
+        f"{binding}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,7 +567,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="results folder (resumed when it exists)")
     parser.add_argument("--methods", type=_words, default=None,
                         help=f"comma list from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
-                             "the shapes preset adds predict_background)")
+                             "the shapes presets add predict_background, colour_rule, oracle_random_word)")
     parser.add_argument("--per-layer", action="store_true", help="also score each layer alone (per-layer curve)")
     parser.add_argument("--sweep-t", type=_floats, default=(), help="also score these t values, e.g. 0.25,0.5,0.75")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")

@@ -91,6 +91,22 @@ def foreground_ap(score: np.ndarray, target: np.ndarray, label: int = 1) -> floa
     return average_precision(target[keep] == label, score[keep])
 
 
+def binding_accuracy(confusions: list[np.ndarray], object_labels: list[int]) -> tuple[float, int]:
+    """Fraction of object pixels that get their own label, pooled over the images whose truth shows exactly two
+    of `object_labels` (e.g. two different shapes); returns (accuracy, number of such images). A pixel
+    labelled as background or as the other object counts as wrong. NaN when no image qualifies."""
+    right = total = images = 0
+    for confusion in confusions:
+        confusion = np.asarray(confusion)
+        rows = [k for k in object_labels if confusion[k].sum() > 0]
+        if len(rows) != 2:
+            continue
+        right += int(sum(confusion[k, k] for k in rows))
+        total += int(sum(confusion[k].sum() for k in rows))
+        images += 1
+    return (right / total if total else float("nan")), images
+
+
 @dataclass
 class PooledScores:
     """Running totals for one method: pooled confusion counts and per-image AP values."""

@@ -47,7 +47,7 @@ class SegProtocol:
     softmax: bool                      # softmax over concepts per layer before averaging
     blur: bool                         # 3x3 Gaussian blur of the final map
     ap_minmax: bool                    # min-max normalise the object score before AP (ImageNet) or use it raw (VOC)
-    caption_template: str = "a {class}"  # per class; "{caption}" = the dataset's own caption
+    caption_template: str = "a {class}"  # per class; "{caption}" = the dataset's own caption; "" = empty prompt
     caption_joiner: str = ","
 
     def __post_init__(self):
@@ -61,9 +61,9 @@ class SegProtocol:
             raise ProtocolError(f"input_resample must be one of {sorted(RESAMPLE)}, got {self.input_resample!r}")
         if self.normalize not in (None, "linear"):
             raise ProtocolError(f"normalize must be None or 'linear', got {self.normalize!r}")
-        if "{class}" not in self.caption_template and self.caption_template != "{caption}":
+        if "{class}" not in self.caption_template and self.caption_template not in ("{caption}", ""):
             raise ProtocolError(f"caption template {self.caption_template!r} needs a '{{class}}' placeholder "
-                                "(or is exactly '{caption}': the dataset's own caption)")
+                                "(or is exactly '{caption}': the dataset's own caption, or '': the empty prompt)")
         if self.num_samples < 1 or self.eval_size < 1:
             raise ProtocolError("num_samples and eval_size must be positive")
 
@@ -114,6 +114,13 @@ PRESETS: dict[str, SegProtocol] = {
         threshold="argmax", eval_size=32, pipeline_size=None, input_size=None, input_resample="nearest",
         t=0.5, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=None,
         normalize=None, softmax=True, blur=False, ap_minmax=False, caption_template="{caption}"),
+    # The same with the empty prompt (what encoding an unseen image gives): the words offered must be found
+    # from the image alone. On two-object images its binding accuracy asks "is the circle's word on the circle?".
+    "shapes-binding": SegProtocol(
+        name="shapes-binding", task="multiclass", background_concepts=(), class_first=False,
+        threshold="argmax", eval_size=32, pipeline_size=None, input_size=None, input_resample="nearest",
+        t=0.5, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=None,
+        normalize=None, softmax=True, blur=False, ap_minmax=False, caption_template=""),
 }
 
 
@@ -154,7 +161,9 @@ def vocabulary(sample: SegSample, mask: np.ndarray, protocol: SegProtocol) -> Vo
     background = list(protocol.background_concepts)
     concepts = names + background if protocol.class_first else background + names
     labels = classes + [0] * len(background) if protocol.class_first else [0] * len(background) + classes
-    if protocol.caption_template == "{caption}":
+    if protocol.caption_template == "":
+        prompt = ""
+    elif protocol.caption_template == "{caption}":
         if sample.caption is None:
             raise ProtocolError(f"caption template '{{caption}}' but image {sample.image_id} has no caption")
         prompt = sample.caption

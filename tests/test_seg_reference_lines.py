@@ -1,0 +1,110 @@
+"""The demo benchmark's model-free reference lines (colour rule, object oracle + random word), its binding
+accuracy and the empty-prompt preset, on hand-made images whose answers are known."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from concept_attention.segmentation.datasets import SegSample, ShapesSegmentation
+from concept_attention.segmentation.evaluate import (
+    SHAPES_METHODS, EvalConfig, EvalError, default_methods, evaluate, oracle_random_word_maps,
+)
+from concept_attention.segmentation.metrics import binding_accuracy
+from concept_attention.segmentation.protocols import Vocabulary, get_preset, vocabulary
+from concept_attention.shapes import BACKGROUND_COLOURS, COLOURS
+
+# The global label space of the shapes benchmark: background words, then shape words.
+WORDS = ["grass", "sky", "sand", "night", "circle", "square", "triangle"]
+SAND, CIRCLE, SQUARE, TRIANGLE = 2, 4, 5, 6
+
+
+def no_model(device):
+    raise AssertionError("a model-free reference line must not build the model")
+
+
+def two_blocks(first: tuple[str, int], second: tuple[str, int], image_id: str = "hand-0") -> SegSample:
+    """32x32 sand with a 12x12 block (144 pixels) at the top left and an 8x16 block (128 pixels) at the bottom
+    right, each painted in a named colour and labelled with a shape word."""
+    pixels = np.tile(np.array(BACKGROUND_COLOURS["sand"], dtype=np.uint8), (32, 32, 1))
+    mask = np.full((32, 32), SAND, dtype=np.int64)
+    for (colour, label), (ys, xs) in zip((first, second), ((slice(2, 14), slice(2, 14)), (slice(20, 28), slice(10, 26)))):
+        pixels[ys, xs] = COLOURS[colour]
+        mask[ys, xs] = label
+    return SegSample(Image.fromarray(pixels), mask, list(WORDS), image_id, caption="", background_label=SAND)
+
+
+def run(samples, methods, tmp_path, preset="shapes-binding"):
+    config = EvalConfig("shapes", get_preset(preset), methods=methods)
+
+    class Data(list):
+        class_names = WORDS
+        object_labels = [CIRCLE, SQUARE, TRIANGLE]
+
+    return evaluate(Data(samples), no_model, config, tmp_path, progress=False, plots=False)
+
+
+def test_binding_accuracy_by_hand():
+    # rows = truth, columns = prediction over 7 labels; only rows of object labels matter
+    both_right = np.zeros((7, 7), np.int64)
+    both_right[SAND, SAND], both_right[CIRCLE, CIRCLE], both_right[SQUARE, SQUARE] = 50, 30, 20
+    swapped = np.zeros((7, 7), np.int64)
+    swapped[CIRCLE, SQUARE], swapped[SQUARE, CIRCLE], swapped[SQUARE, SAND] = 10, 5, 5   # background counts wrong
+    one_object = np.zeros((7, 7), np.int64)
+    one_object[TRIANGLE, SAND] = 40                                                       # not a two-object image
+    accuracy, images = binding_accuracy([both_right, swapped, one_object], [CIRCLE, SQUARE, TRIANGLE])
+    assert images == 2 and accuracy == pytest.approx(50 / 70)
+    assert np.isnan(binding_accuracy([one_object], [CIRCLE, SQUARE, TRIANGLE])[0])
+
+
+def test_colour_rule_binds_by_colour_only(tmp_path):
+    """Orange reads as circle and blue as square under the rule: right when the words agree with the colours,
+    wrong on every object pixel when they are swapped; the background is sand everywhere else in both."""
+    agree = two_blocks(("orange", CIRCLE), ("blue", SQUARE), "agree")
+    swapped = two_blocks(("orange", SQUARE), ("blue", CIRCLE), "swapped")
+    right = run([agree], ("colour_rule",), tmp_path / "agree")["colour_rule"]
+    wrong = run([swapped], ("colour_rule",), tmp_path / "swapped")["colour_rule"]
+    assert right["binding_accuracy"] == 1.0 and right["pixel_accuracy"] == 1.0
+    assert wrong["binding_accuracy"] == 0.0 and wrong["n_binding_images"] == 1
+    assert wrong["pixel_accuracy"] == pytest.approx(1 - (144 + 128) / 1024)
+    assert wrong["iou_per_class"]["sand"] == 1.0 and wrong["iou_per_class"]["circle"] == 0.0
+    both = run([agree, swapped], ("colour_rule",), tmp_path / "both")["colour_rule"]
+    assert both["binding_accuracy"] == 0.5
+
+
+def test_oracle_random_word_gives_each_object_one_offered_word(tmp_path):
+    sample = two_blocks(("red", CIRCLE), ("red", TRIANGLE))
+    target = sample.mask
+    vocab = vocabulary(sample, target, get_preset("shapes-binding"))
+    assert vocab.concepts == ["sand", "circle", "triangle"] and vocab.prompt == ""       # empty-prompt preset
+    maps = oracle_random_word_maps(sample, vocab, target, seed=0).numpy()
+    predicted = np.array(vocab.labels)[maps.argmax(0)]
+    assert (predicted[target == SAND] == SAND).all()                                      # exact outlines
+    for label in (CIRCLE, TRIANGLE):
+        words = np.unique(predicted[target == label])
+        assert len(words) == 1 and words[0] in (CIRCLE, TRIANGLE)                         # one word per object
+    assert np.array_equal(maps, oracle_random_word_maps(sample, vocab, target, seed=0).numpy())   # reproducible
+    # over many images each object gets its own word about half of the time
+    samples = [two_blocks(("red", CIRCLE), ("blue", SQUARE), f"hand-{i}") for i in range(60)]
+    row = run(samples, ("oracle_random_word", "predict_background"), tmp_path)
+    assert 0.35 < row["oracle_random_word"]["binding_accuracy"] < 0.65
+    assert row["predict_background"]["binding_accuracy"] == 0.0
+    with pytest.raises(EvalError, match="background word"):
+        oracle_random_word_maps(sample, Vocabulary(["circle"], [CIRCLE], ""), target, seed=0)
+
+
+def test_shapes_presets_report_the_reference_lines_and_binding(tmp_path):
+    """The real generator, no model: the colour rule is near chance on binding, the oracle's outlines are exact."""
+    assert default_methods("shapes") == default_methods("shapes-binding") == SHAPES_METHODS
+    data = ShapesSegmentation("40:9")
+    config = EvalConfig("shapes", get_preset("shapes-binding"), ("predict_background", "colour_rule",
+                                                                  "oracle_random_word"))
+    summary = evaluate(data, no_model, config, tmp_path, progress=False, plots=False)
+    images = summary["colour_rule"]["n_binding_images"]
+    assert images == sum(len(set(s.mask.ravel().tolist())) == 3 for s in data) > 5
+    assert summary["colour_rule"]["binding_accuracy"] < 0.8
+    oracle = summary["oracle_random_word"]
+    assert oracle["iou_per_class"][data.class_names[data[0].background_label]] == 1.0
+    assert "binding acc." in (tmp_path / "summary.md").read_text()
+    with pytest.raises(EvalError, match="colour_rule"):
+        run([SegSample(Image.new("RGB", (32, 32)), np.zeros((32, 32), np.int64), ["background", "cat"], "x",
+                       caption="", background_label=0)], ("colour_rule",), tmp_path / "other")
