@@ -171,6 +171,45 @@ def test_export_is_the_official_layout_and_loads_strictly(tmp_path):
     assert not all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+def load_train_demo():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+    spec = importlib.util.spec_from_file_location("train_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_recipe_resumes_bit_exactly_across_the_curriculum(tmp_path, monkeypatch):
+    """scripts/train_demo.py itself: 3 steps straight == 2 steps, then the same command resumed to 3. The resumed
+    command names no recipe flags: its curriculum (single objects until step 3) must come from recipe.json."""
+    demo = load_train_demo()
+    tiny = ["--hidden", "24", "--depth", "1", "--single-depth", "0", "--batch-size", "2", "--single-object-steps", "3",
+            "--checkpoint-every", "1", "--export-every", "100", "--device", "cpu"]
+
+    def train(work: Path, steps: int, *extra: str) -> None:
+        monkeypatch.setattr("sys.argv", ["train_demo.py", "--work-dir", str(work), "--steps", str(steps), *extra])
+        demo.main()
+
+    train(tmp_path / "straight", 3, *tiny)
+    train(tmp_path / "resumed", 2, *tiny)
+    train(tmp_path / "resumed", 3)                     # no recipe flags: recipe.json holds them
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 3 and a["flux_config"]["hidden_size"] == 24
+    for name in ("model", "ema"):
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    assert (tmp_path / "resumed" / "exports" / "step-000003" / "flux1-demo.safetensors").exists()
+    # the curriculum's data: step 0 single objects only, later steps the mixed world
+    encoder = demo.CaptionEncoder(tmp_path / "straight")
+    data = demo.shapes_data(encoder, batch_size=8, single_object_steps=1)
+    from concept_attention.shapes import ShapesConfig, make_sample
+
+    assert torch.equal(data(0).latents, demo.to_pixels([make_sample(0, i, ShapesConfig(two_object_prob=0.0)).image
+                                                         for i in range(8)]))
+    assert torch.equal(data(1).latents, demo.to_pixels([make_sample(0, 8 + i).image for i in range(8)]))
+
+
 # ----------------------------------------------------------------------------------------------
 # The shipped demo model (weights/demo/, trained by scripts/train_demo.py)
 
