@@ -50,6 +50,7 @@ from flux_mini.layers import (
     merge_heads,
     split_heads,
     timestep_embedding,
+    upcast,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +413,11 @@ class Flux2(nn.Module):
         single = sites("single_stream_modulation", self.single_stream_modulation(vec))
         return SharedModulation(modulation_sets(img, 2), modulation_sets(txt, 2), *modulation_sets(single, 1))
 
+    def rope(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """Rotations for ids (B, N, 4) of any dtype (the reference uses int64): complex64, or complex128
+        when the model runs in float64."""
+        return self.pe_embedder(ids.to(upcast(dtype)))
+
     def concept_stream(
         self,
         concept_txt: Tensor,
@@ -434,7 +440,7 @@ class Flux2(nn.Module):
             attention=attention,
             cross_attention=cross_attention,
             values=values,
-            pe=self.pe_embedder(concept_ids),
+            pe=self.rope(concept_ids, concept_txt.dtype),
         )
 
     def layers(
@@ -461,7 +467,7 @@ class Flux2(nn.Module):
         vec = sites("vec", self.conditioning(timesteps, guidance))
         mod = self.modulations(vec, sites)
         concept_mod = self.modulations(concepts.vec) if concepts is not None else None
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        pe = self.rope(torch.cat((txt_ids, img_ids), dim=1), img.dtype)
         img, txt = sites("img_in", self.img_in(img)), sites("txt_in", self.txt_in(txt))
         for index, block in enumerate(self.double_blocks):
             img, txt, concept = block(img, txt, pe, mod, concepts, concept_mod, sites.scoped(f"double_blocks.{index}"))
