@@ -30,6 +30,7 @@ from flux_mini.checkpoint import (
 )
 from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl
 from flux_mini.flux1 import PRESETS, Flux, FluxConfig
+from flux_mini.lowmem import dequantize_float8, has_float8, prepare_float8
 
 OFFICIAL_AXES_DIM = (16, 56, 56)  # head dim 128
 METADATA_KEY = "flux_config"
@@ -172,7 +173,10 @@ def load_flux(
     device: str | torch.device = "cpu",
 ) -> Flux:
     """A Flux whose parameters are the checkpoint's tensors: memory-mapped, in the file's dtype unless
-    `dtype` is given. Peak memory is about one copy of the weights (diffusers layout: plus its fused parts)."""
+    `dtype` is given. Peak memory is about one copy of the weights (diffusers layout: plus its fused parts).
+
+    fp8 files (BFL layout): the Linear weights stay in fp8 with their scales and compute in bf16
+    (`flux_mini.lowmem`); `dtype=` dequantizes everything instead."""
     info = inspect_checkpoint(path)
     description = info.describe()
     if config is None:
@@ -188,9 +192,17 @@ def load_flux(
             pass  # the shapes imply no config; the key listing below says what is wrong
 
     tensors = read_safetensors(path)
-    tensors = strip_prefix(tensors, info.prefix) if info.layout == "bfl" else diffusers_to_bfl(tensors)
+    tensors = strip_prefix(tensors, info.prefix) if info.layout == "bfl" else tensors
+    if has_float8(tensors) and (dtype is not None or info.layout == "diffusers"):
+        tensors = dequantize_float8(tensors, dtype or torch.bfloat16)  # dtype= casts everything; fusing needs it
+    tensors = diffusers_to_bfl(tensors) if info.layout == "diffusers" else tensors
     with torch.device("meta"):
         model = Flux(config)
+    if has_float8(tensors):  # Linear weights stay one byte each; the rest is upcast to bf16
+        try:
+            tensors, _ = prepare_float8(model, tensors)
+        except ValueError as e:
+            raise CheckpointError(f"{description}: {e}") from None
     return load_strict(model, tensors, dtype=dtype, device=device, description=description).eval()
 
 
