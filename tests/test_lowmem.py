@@ -159,3 +159,19 @@ def test_offload_composes_with_fp8_storage(state):
     args = inputs()
     expected = stored(*args)
     assert torch.equal(offload_blocks(stored, "cpu")(*args), expected)
+
+
+def test_concept_maps_compile_as_one_graph(state):
+    """The concept path has no host synchronisation or Python branching on values: torch.compile captures
+    the forward with maps as one graph (what CUDA graphs and `mode="reduce-overhead"` need)."""
+    import torch._dynamo
+
+    model = reference(state, {}).float()
+    args = [a.float() if a.is_floating_point() else a for a in inputs()]
+    concept_txt = torch.randn(1, 3, CONFIG.context_in_dim)
+
+    def forward_with_maps(*args):
+        return model(*args), compute_concept_maps(model, *args, concept_txt, layers=list(range(CONFIG.num_layers)))
+
+    explanation = torch._dynamo.explain(forward_with_maps)(*args)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
