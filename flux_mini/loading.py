@@ -104,10 +104,13 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         )
     dtypes = tuple(sorted({dtype for k, (dtype, _) in header.items() if k.startswith(prefix)}))
     stored = read_metadata(path).get(METADATA_KEY)
-    try:
-        config = _config_from_json(stored, path) if stored else infer_config(shapes)
-    except CheckpointError:
-        config = None
+    if stored:
+        config = _config_from_json(stored, path)  # a broken stored config is the file's fault: say so
+    else:
+        try:
+            config = infer_config(shapes)
+        except CheckpointError:
+            config = None
     return CheckpointInfo(Path(path), layout, prefix, shapes, dtypes, config)
 
 
@@ -170,9 +173,12 @@ def load_flux(
     config: FluxConfig | str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    check_finite: bool = False,
 ) -> Flux:
     """A Flux whose parameters are the checkpoint's tensors: memory-mapped, in the file's dtype unless
-    `dtype` is given. Peak memory is about one copy of the weights (diffusers layout: plus its fused parts)."""
+    `dtype` is given. Peak memory is about one copy of the weights (diffusers layout: plus its fused parts).
+    check_finite=True refuses a NaN or Inf weight, naming it; it reads the whole file once, which costs more
+    than the (lazy, mapped) load itself, hence opt-in."""
     info = inspect_checkpoint(path)
     description = info.describe()
     if config is None:
@@ -191,7 +197,9 @@ def load_flux(
     tensors = strip_prefix(tensors, info.prefix) if info.layout == "bfl" else diffusers_to_bfl(tensors)
     with torch.device("meta"):
         model = Flux(config)
-    return load_strict(model, tensors, dtype=dtype, device=device, description=description).eval()
+    return load_strict(
+        model, tensors, dtype=dtype, device=device, description=description, check_finite=check_finite
+    ).eval()
 
 
 def save_flux(model: Flux, path: str | Path, layout: str = "bfl") -> None:
