@@ -265,8 +265,9 @@ class FolderDataset(Sequence[SegSample]):
             by_id.setdefault(image.stem, []).append(image.name)
         clashes = [names for names in by_id.values() if len(names) > 1]
         if clashes:
-            raise DatasetError(f"{self.root / 'images'}: one id has several images ({'; '.join(map(', '.join, clashes))}"
-                               "): each mask belongs to one image, keep one of them")
+            listed = "; ".join(", ".join(names) for names in clashes)
+            raise DatasetError(f"{self.root / 'images'}: one id has several images ({listed}): each mask belongs to "
+                               "one image, keep one of them")
         for image in self.images:
             mask = _require(self.mask_path(image), f"mask for image {image.name}", "add masks/<id>.png")
             for file, what in ((image, "image"), (mask, "mask")):

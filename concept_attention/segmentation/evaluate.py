@@ -40,8 +40,8 @@ from concept_attention.segmentation.protocols import (
     PRESETS, RESAMPLE, SegProtocol, Vocabulary, get_preset, prepare_image, vocabulary,
 )
 from concept_attention.segmentation.resume import (
-    RECORD_FILES, EvalError, FolderLock, ResultsFile, describe, differences, load_records, read_config,
-    weights_fingerprint, write_config,
+    RECORD_FILES, EvalError, FolderLock, ResultsFile, compact_records, describe, differences, load_records,
+    read_config, weights_fingerprint, write_config,
 )
 
 
@@ -385,6 +385,7 @@ def _start(out_dir: Path, wanted: dict, ids: list[str], dataset: Sequence[SegSam
                 for stale in [*out_dir.glob(RECORD_FILES), *(out_dir / n for n in ("summary.json", "summary.md",
                                                                                     "config.json"))]:
                     stale.unlink(missing_ok=True)
+            compact_records(out_dir)
         except (EvalError, OSError) as error:
             failure = error
     if not ctx.all_agree(failure is None):
@@ -453,7 +454,7 @@ def evaluate(
     num_classes, class_names = _num_classes(dataset, config.protocol)
     check_eval_memory(config.protocol, num_classes)
     ids = image_ids(dataset, total)
-    wanted = {**config.to_dict(), "data": dataset_identity(dataset)}
+    wanted = json.loads(json.dumps({**config.to_dict(), "data": dataset_identity(dataset)}))   # as stored
     out_dir = Path(out_dir)
     ctx = init_distributed(device)
     lock = FolderLock(out_dir)
@@ -653,7 +654,8 @@ def run_eval(args: argparse.Namespace) -> int:
         config = EvalConfig(args.dataset, protocol, methods, args.per_layer, tuple(args.sweep_t), baseline)
         if config.model_methods:
             if args.weights is None:
-                raise EvalError(f"--methods {','.join(config.model_methods)} read maps from a model: pass --weights DIR")
+                raise EvalError(f"--methods {','.join(config.model_methods)} read maps from a model: "
+                                "pass --weights DIR")
             sources = {"weights": weights_fingerprint(args.weights), "dtype": args.dtype}
             if baseline:
                 sources["baseline_weights"] = weights_fingerprint(args.baseline_weights)

@@ -130,7 +130,8 @@ def read_config(out_dir: Path) -> dict | None:
     try:
         stored = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise EvalError(f"{path} is not valid JSON ({error}): the folder's configuration is damaged; {_RESET}") from None
+        raise EvalError(f"{path} is not valid JSON ({error}): the folder's configuration is damaged; "
+                        f"{_RESET}") from None
     if not isinstance(stored, dict) or not {"dataset", "protocol", "methods"} <= set(stored):
         raise EvalError(f"{path} is not an eval configuration (no dataset/protocol/methods); {_RESET}")
     return stored
@@ -167,22 +168,52 @@ def describe(changed: list[tuple[str, object, object]]) -> str:
 # Records: one JSON line per finished image, matched by image id
 
 
+def _read_records(path: Path) -> list[tuple[str | None, str]]:
+    """(image id, line) per line of one results file; id None for a line cut short by an interruption."""
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            rows.append((None, line))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("image_id"), str) or not isinstance(
+                record.get("scores"), dict):
+            raise EvalError(f"{path} line {number} is not an eval record (needs 'image_id' and 'scores'): "
+                            f"delete that line to keep the other results, or {_RESET}")
+        rows.append((record["image_id"], line))
+    return rows
+
+
 def load_records(out_dir: str | Path) -> dict[str, dict]:
-    """Every finished image of every rank's file by image id (the first record of an id wins; later duplicates
-    are dropped). A line cut short by an interruption is skipped; a whole line that is not a record is an error."""
+    """Every finished image of every rank's file by image id (the first record of an id wins). A line cut short
+    by an interruption is skipped; a whole line that is not a record is an error naming the file and line."""
     records: dict[str, dict] = {}
     for path in sorted(Path(out_dir).glob(RECORD_FILES)):
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("image_id"), str) or not isinstance(
-                    record.get("scores"), dict):
-                raise EvalError(f"{path} line {number} is not an eval record (needs 'image_id' and 'scores'): "
-                                f"delete that line to keep the other results, or {_RESET}")
-            records.setdefault(record["image_id"], record)
+        for image_id, line in _read_records(path):
+            if image_id is not None and image_id not in records:
+                records[image_id] = json.loads(line)
     return records
+
+
+def compact_records(out_dir: str | Path) -> int:
+    """Rewrite the results files without repeated images and cut-short lines (left by two runs on one folder
+    before folders were locked, or by kills); returns the number of lines dropped. Only under the lock."""
+    seen: set[str] = set()
+    dropped = 0
+    for path in sorted(Path(out_dir).glob(RECORD_FILES)):
+        rows, keep = _read_records(path), []
+        for image_id, line in rows:
+            if image_id is None or image_id in seen:
+                dropped += 1
+            else:
+                seen.add(image_id)
+                keep.append(line)
+        if len(keep) != len(rows):
+            temporary = path.with_name(f".{path.name}.{os.getpid()}")
+            temporary.write_text("".join(line + "\n" for line in keep))
+            os.replace(temporary, path)
+    return dropped
 
 
 def results_path(out_dir: Path, rank: int) -> Path:
@@ -191,7 +222,8 @@ def results_path(out_dir: Path, rank: int) -> Path:
 
 class ResultsFile:
     """This rank's results file, opened on the first record: config.json is written just before it, so a run
-    that fails before finishing one image leaves nothing behind that could refuse the next command."""
+    that fails before finishing one image leaves nothing behind that could refuse the next command. (Lines cut
+    short by a kill are gone: rank 0 compacts the files before any rank appends.)"""
 
     def __init__(self, out_dir: Path, rank: int, config: dict):
         self.out_dir, self.path, self.config = Path(out_dir), results_path(out_dir, rank), config
@@ -201,10 +233,7 @@ class ResultsFile:
         if self._file is None:
             if read_config(self.out_dir) is None:
                 write_config(self.out_dir, self.config)
-            cut_short = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
             self._file = open(self.path, "a")
-            if cut_short:                  # end a line cut short by a kill, so the next record stands alone
-                self._file.write("\n")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
