@@ -576,13 +576,14 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Zero-shot segmentation benchmark (ImageNet-Segmentation, PascalVOC 2012, a folder, synthetic shapes). "
-        "Resumable: run the same command again to continue; results go to --out. Folder datasets: "
+        "Resumable: run the same command again to continue; results go to --out, which is locked while a run "
+        "writes and resumed only by the same experiment (model, dtype, data, options). Folder datasets: "
         "DIR/images/<id>.jpg|png, DIR/masks/<id>.png (pixel = label, 255 = ignore), DIR/classes.csv "
         "('label,name', 0 = background). Launch with torchrun --nproc_per_node N to shard over processes.")
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data", default=None,
-                        help="gtsegs_ijcv.mat | VOCdevkit/VOC2012 | a folder | shapes: LENGTH[:SEED] "
-                             "(default 200:1, the demo model's held-out images)")
+                        help="gtsegs_ijcv.mat | VOCdevkit/VOC2012 | a folder (all three required) | shapes: "
+                             "LENGTH[:SEED] (default 200:1, the demo model's held-out images)")
     parser.add_argument("--weights", type=Path, default=None, help="model folder (Flux.1 schnell for the paper)")
     parser.add_argument("--baseline-weights", type=Path, default=None,
                         help="a second model folder (e.g. the same model untrained) scored with the same methods "
