@@ -504,8 +504,8 @@ def evaluate(
             finally:
                 try:
                     results.close()
-                except OSError:
-                    pass
+                except OSError:            # every record was flushed when written: a close after a full disk
+                    pass                   # adds nothing, and the error that stopped the run is the one to see
         ctx.barrier()
         if not ctx.is_main:
             return {}
