@@ -40,32 +40,32 @@ def _folder_size_and_steps(folder: Path) -> dict:
     return {"image_size": defaults.width, "num_steps": defaults.num_steps}
 
 
-def demo_model(announce: bool = True) -> DemoModel:
-    """The shipped demo model if present, else a tiny random one in a fresh temporary folder (which the
-    caller removes; `embedded_model()` does so)."""
-    if any(DEMO_WEIGHTS.glob("flux1-*.safetensors")):
-        settings = json.loads((DEMO_WEIGHTS / "demo.json").read_text())
-        demo = DemoModel(weights=DEMO_WEIGHTS, trained=True, **_folder_size_and_steps(DEMO_WEIGHTS), **settings)
+def demo_model(announce: bool = True, folder: Path = DEMO_WEIGHTS) -> DemoModel:
+    """The shipped demo model (in `folder`) if present, else a tiny random one in a fresh temporary folder
+    (which the caller removes; `embedded_model()` does so)."""
+    if any(folder.glob("flux1-*.safetensors")):
+        settings = json.loads((folder / "demo.json").read_text())
+        demo = DemoModel(weights=folder, trained=True, **_folder_size_and_steps(folder), **settings)
         if announce:
-            print(f"Using the embedded demo model in {DEMO_WEIGHTS} (pass --weights DIR for the real Flux.1).")
+            print(f"Using the embedded demo model in {folder} (pass --weights DIR for the real Flux.1).")
         return demo
     from flux_mini.tiny import build_tiny_weights
 
-    folder = Path(tempfile.mkdtemp(prefix="flux-mini-tiny-random-"))
-    build_tiny_weights(folder, seed=0)
+    scratch = Path(tempfile.mkdtemp(prefix="flux-mini-tiny-random-"))
+    build_tiny_weights(scratch, seed=0)
     if announce:
         print(
-            f"NOTE: no --weights given and no demo model in {DEMO_WEIGHTS}: running on a tiny RANDOM model "
-            f"built in the temporary folder {folder} (removed afterwards). The pictures show the pipeline "
+            f"NOTE: no --weights given and no demo model in {folder}: running on a tiny RANDOM model "
+            f"built in the temporary folder {scratch} (removed afterwards). The pictures show the pipeline "
             f"working, not learned concepts; {GET_THE_DEMO}, or pass --weights DIR."
         )
-    return DemoModel(weights=folder, trained=False, **_folder_size_and_steps(folder))
+    return DemoModel(weights=scratch, trained=False, **_folder_size_and_steps(scratch))
 
 
 @contextlib.contextmanager
-def embedded_model(announce: bool = True) -> Iterator[DemoModel]:
+def embedded_model(announce: bool = True, folder: Path = DEMO_WEIGHTS) -> Iterator[DemoModel]:
     """demo_model() for the length of a `with` block; a random model's temporary folder is removed after it."""
-    demo = demo_model(announce)
+    demo = demo_model(announce, folder)
     try:
         yield demo
     finally:

@@ -193,6 +193,25 @@ def _flux_config(files: ModelFiles) -> FluxConfig | None:
         raise ValueError(f"{diffusers_config} lacks {e}: it is not a diffusers FluxTransformer2DModel config") from None
 
 
+@contextlib.contextmanager
+def quiet_transformers(logging: bool = False):
+    """transformers' weight-loading bars off for the block (they print once per encoder, ignore `progress`
+    and warn about IProgress in notebooks without widgets); with `logging` its log lines below errors too.
+    Its previous state comes back after the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if logging:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class NonFiniteError(ValueError):
     """A result holds NaN or Inf values; raised instead of writing a black image or empty maps."""
 
@@ -280,8 +299,9 @@ class FluxPipeline:
             autoencoder = load_autoencoder(files.autoencoder, dtype=torch.float32, device=load_device)
         variant = variant or ("dev" if model.config.guidance_embed else "schnell")
         defaults = _sampling_defaults(variant, files.sampling)
-        t5 = T5Embedder(files.t5, defaults.t5_max_length, dtype, load_device, files.t5_tokenizer)
-        clip = CLIPEmbedder(files.clip, defaults.clip_max_length, dtype, load_device, files.clip_tokenizer)
+        with quiet_transformers():
+            t5 = T5Embedder(files.t5, defaults.t5_max_length, dtype, load_device, files.t5_tokenizer)
+            clip = CLIPEmbedder(files.clip, defaults.clip_max_length, dtype, load_device, files.clip_tokenizer)
         return cls(model, autoencoder, t5, clip, defaults, variant, device, dtype, offload)
 
     # ------------------------------------------------------------------------------------------

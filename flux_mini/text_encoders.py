@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -80,6 +79,8 @@ class T5Embedder(TextEmbedder):
         _require(tokenizer_folder, ("spiece.model", "tokenizer.json"), "T5 tokenizer")
         _require(folder, ("config.json",), "T5 encoder config")
         _require(folder, WEIGHT_FILES, "T5 encoder weights")
+        from transformers import T5EncoderModel, T5Tokenizer  # seconds to import: only when a model is loaded
+
         tokenizer = T5Tokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
         model = T5EncoderModel.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device)
         super().__init__(tokenizer, model, max_length)
@@ -108,6 +109,8 @@ class CLIPEmbedder(TextEmbedder):
             _require(tokenizer_folder, ("merges.txt",), "CLIP tokenizer")
         _require(folder, ("config.json",), "CLIP text encoder config")
         _require(folder, WEIGHT_FILES, "CLIP text encoder weights")
+        from transformers import CLIPTextModel, CLIPTokenizer  # seconds to import: only when a model is loaded
+
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
         model = CLIPTextModel.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device)
         super().__init__(tokenizer, model, max_length)

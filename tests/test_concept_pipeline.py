@@ -107,7 +107,7 @@ def test_bad_input_is_named(pipe, call, message):
 def test_cli_generate_and_encode_write_pictures(weights, tmp_path, capsys):
     assert main(["generate", "--weights", str(weights), "--prompt", "a circle", "--concepts", *CONCEPTS,
                  "--out", str(tmp_path / "gen"), "--width", "32", "--height", "32"]) == 0
-    for name in ("image.png", "concept_maps.png", "cross_attention_maps.png", "heatmap_sky.png", "maps.pt"):
+    for name in ("image.png", "concept_maps.png", "cross_attention_maps.png", "heatmap_02_sky.png", "maps.pt"):
         assert (tmp_path / "gen" / name).stat().st_size > 0
     assert main(["encode", "--weights", str(weights), "--image", str(tmp_path / "gen" / "image.png"),
                  "--concepts", *CONCEPTS, "--out", str(tmp_path / "enc")]) == 0
