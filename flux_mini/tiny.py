@@ -229,3 +229,24 @@ def build_tiny_weights(
     save_flux(randomize_(Flux(config), seed), folder / "flux1-tiny.safetensors")  # config in the metadata
     (folder / "sampling.json").write_text(json.dumps({"t5_max_length": t5_max_length}) + "\n")
     return folder
+
+
+def tiny_flux3_config(flow_map: bool = True, **overrides):
+    """A tiny FLUX.3 with the official structure: 3 token modes, 4 RoPE axes, head dim 16, SwiGLU ratio 3."""
+    from flux_mini.flux3 import Flux3Config
+
+    fields = dict(
+        in_channels=16,
+        cond_in_channels=16,
+        out_channels=16,
+        context_in_dim=40,
+        hidden_size=64,
+        mlp_ratio=3.0,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 4, 4, 4),
+        theta=10_000,
+        flow_map=flow_map,
+    )
+    return Flux3Config(**{**fields, **overrides})
