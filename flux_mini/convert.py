@@ -255,7 +255,7 @@ def flux3_diffusers_to_bfl(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def flux3_diffusers_config(config) -> dict:
     """The `Flux3Transformer2DModel` config equivalent to a `Flux3Config` (diffusers outputs in_channels)."""
     if config.out_channels != config.in_channels:
-        raise ValueError(f"diffusers' Flux3Transformer2DModel outputs in_channels; this config has {config.out_channels}")
+        raise ValueError(f"diffusers' Flux3Transformer2DModel outputs in_channels, not {config.out_channels} channels")
     return dict(
         in_channels=config.in_channels,
         cond_in_channels=config.cond_in_channels,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from flux_mini.checkpoint import (
     read_safetensors,
     strip_prefix,
 )
-from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl
+from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl, flux3_bfl_to_diffusers, flux3_diffusers_to_bfl
 from flux_mini.flux1 import PRESETS, Flux, FluxConfig
+from flux_mini.flux3 import PRESETS as FLUX3_PRESETS
+from flux_mini.flux3 import Flux3, Flux3Config
 
 OFFICIAL_AXES_DIM = (16, 56, 56)  # head dim 128
 METADATA_KEY = "flux_config"
@@ -167,12 +170,16 @@ def _config_differences(found: FluxConfig, wanted: FluxConfig) -> str:
 
 def load_flux(
     path: str | Path,
-    config: FluxConfig | str | None = None,
+    config: FluxConfig | Flux3Config | str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-) -> Flux:
-    """A Flux whose parameters are the checkpoint's tensors: memory-mapped, in the file's dtype unless
-    `dtype` is given. Peak memory is about one copy of the weights (diffusers layout: plus its fused parts)."""
+) -> Flux | Flux3:
+    """A Flux (or Flux3, for a FLUX.3 file) whose parameters are the checkpoint's tensors: memory-mapped, in the
+    file's dtype unless `dtype` is given. Peak memory is about one copy of the weights (diffusers layout: plus
+    its fused parts)."""
+    flux3 = flux3_layout(read_header(path))
+    if flux3 is not None or isinstance(config, Flux3Config) or config in FLUX3_PRESETS:
+        return load_flux3(path, flux3, config, dtype, device)
     info = inspect_checkpoint(path)
     description = info.describe()
     if config is None:
@@ -194,12 +201,110 @@ def load_flux(
     return load_strict(model, tensors, dtype=dtype, device=device, description=description).eval()
 
 
-def save_flux(model: Flux, path: str | Path, layout: str = "bfl") -> None:
+def save_flux(model: Flux | Flux3, path: str | Path, layout: str = "bfl") -> None:
     """Write a checkpoint that `load_flux(path)` reads back without config=: the config rides in the metadata."""
+    flux3 = isinstance(model, Flux3)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if layout == "diffusers":
-        state = {k: v.contiguous() for k, v in bfl_to_diffusers(state).items()}
+        state = {k: v.contiguous() for k, v in (flux3_bfl_to_diffusers if flux3 else bfl_to_diffusers)(state).items()}
     elif layout != "bfl":
         raise ValueError(f"layout must be 'bfl' or 'diffusers', got {layout!r}")
-    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(model.config.to_dict())})
+    key = FLUX3_METADATA_KEY if flux3 else METADATA_KEY
+    save_file(state, str(path), metadata={key: json.dumps(model.config.to_dict())})
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.3 (flux3-format.md §2 and §8): BFL or diffusers layout, optionally under a prefix; the config comes from
+# config=, the `flux3_config` metadata, or the shapes (axes_dim: the official (32, 32, 32, 32) for head dim 128).
+
+FLUX3_METADATA_KEY = "flux3_config"
+FLUX3_MARKERS = {  # a key only a FLUX.3 transformer has, per layout
+    "bfl": "early_stream_modulations.image.lin.weight",
+    "diffusers": "early_stream_modulations.image.linear.weight",
+}
+# Shipped beside the weights but not part of the model: the REPA projection heads of training, and the unused
+# heads the generic BFL class may build (spec §2.1). Dropped on load, with a warning that names them.
+FLUX3_UNUSED_PREFIXES = ("repa_projectors.", "final_layer.image_cond.", "vector_in.")
+
+
+def flux3_layout(header) -> tuple[str, str] | None:
+    """(layout, prefix) when the tensor names are a FLUX.3 transformer's, else None."""
+    for name in sorted(header):
+        for layout, marker in FLUX3_MARKERS.items():
+            if name.endswith(marker):
+                return layout, name[: -len(marker)]
+    return None
+
+
+def infer_flux3_config(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None) -> Flux3Config:
+    """The Flux3Config whose state dict has these BFL shapes."""
+    needed = ["emb_in.image.weight", "emb_in.image_cond.weight", "txt_in.weight", "final_layer.image.linear.weight"]
+    norm = next((k for k in shapes if k.endswith("query_norm.scale")), None)
+    mlp = next((k for k in shapes if k.endswith("mlp_in.weight")), None)
+    absent = [k for k in needed if k not in shapes] + ([] if norm and mlp else ["block weights"])
+    if absent:
+        raise CheckpointError(f"cannot infer the FLUX.3 config: the checkpoint lacks {', '.join(absent)}; pass config=")
+    hidden, in_channels = shapes["emb_in.image.weight"]
+    head_dim = shapes[norm][0]
+    if axes_dim is None and head_dim != 128:
+        raise CheckpointError(f"the checkpoint has head dim {head_dim}: its RoPE axes_dim is unknown; pass config=")
+    try:
+        return Flux3Config(
+            in_channels=in_channels,
+            cond_in_channels=shapes["emb_in.image_cond.weight"][1],
+            out_channels=shapes["final_layer.image.linear.weight"][0],
+            context_in_dim=shapes["txt_in.weight"][1],
+            hidden_size=hidden,
+            mlp_ratio=shapes[mlp][0] / 2 / hidden,
+            num_heads=hidden // head_dim,
+            depth=_count_blocks(shapes, "txt_mode_blocks"),
+            depth_single_blocks=_count_blocks(shapes, "single_blocks"),
+            axes_dim=axes_dim or (32, 32, 32, 32),
+            flow_map="ref_time_in.in_layer.weight" in shapes,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's shapes imply no valid FLUX.3 config: {e}") from None
+
+
+def load_flux3(path, found: tuple[str, str] | None, config, dtype, device) -> Flux3:
+    """`load_flux` for a FLUX.3 file (`found` = its layout and prefix, None when it is not FLUX.3)."""
+    if found is None:
+        raise CheckpointError(
+            f"a FLUX.3 config was requested, but {path} is not a FLUX.3 transformer (it has no "
+            f"{FLUX3_MARKERS['bfl']!r} in any layout); load it without config= to see what it is"
+        )
+    if isinstance(config, FluxConfig) or (isinstance(config, str) and config not in FLUX3_PRESETS):
+        raise CheckpointError(
+            f"{path} is a FLUX.3 transformer, but the Flux.1 config {config!r} was requested; pass "
+            f"config=None or one of {sorted(FLUX3_PRESETS)}"
+        )
+    layout, prefix = found
+    tensors = strip_prefix(read_safetensors(path), prefix)
+    tensors = flux3_diffusers_to_bfl(tensors) if layout == "diffusers" else tensors
+    unused = sorted(k for k in tensors if k.startswith(FLUX3_UNUSED_PREFIXES))
+    if unused:
+        more = f", ... ({len(unused) - 5} more)" if len(unused) > 5 else ""
+        warnings.warn(
+            f"{path}: not loading {len(unused)} tensor(s) that the FLUX.3 model does not use (training-only REPA "
+            f"heads or unused output heads): {', '.join(unused[:5])}{more}",
+            stacklevel=3,
+        )
+        tensors = {k: v for k, v in tensors.items() if k not in unused}
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    variant = "FLUX.3 Klein (distilled flow map)" if "ref_time_in.in_layer.weight" in shapes else "FLUX.3 Klein Base"
+    where = ("BFL" if layout == "bfl" else "diffusers") + " layout" + (f" under prefix {prefix!r}" if prefix else "")
+    description = f"{path} looks like {variant} ({where})"
+    stored = read_metadata(path).get(FLUX3_METADATA_KEY)
+    if config is not None:
+        description += f", but {f'config {config!r}' if isinstance(config, str) else 'the given config'} was requested"
+        config = Flux3Config.from_preset(config) if isinstance(config, str) else config
+    elif config is None and stored:
+        try:
+            config = Flux3Config(**json.loads(stored))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its {FLUX3_METADATA_KEY} metadata is no valid Flux3Config ({e})") from None
+    config = config or infer_flux3_config(shapes)
+    with torch.device("meta"):
+        model = Flux3(config)
+    return load_strict(model, tensors, dtype=dtype, device=device, description=description).eval()
 
