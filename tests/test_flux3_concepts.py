@@ -179,7 +179,8 @@ def test_concept_path_matches_naive_float64():
 
     a_c = modulate(c, t_shift, t_scale)
     q_c, k_c, v_c = qkv(block, a_c, h)
-    o_c = merge(softmax_attention(q_c, torch.cat([k_c, k_rot[:, :, image]], 2), torch.cat([v_c, v_all[:, :, image]], 2)))
+    keys, values = torch.cat([k_c, k_rot[:, :, image]], 2), torch.cat([v_c, v_all[:, :, image]], 2)
+    o_c = merge(softmax_attention(q_c, keys, values))
     c_next = c + t_gate * (o_c @ block.attn_out.weight.T + swiglu_mlp(block, a_c))
     cross = torch.einsum("bhnd,bhrd->bhrn", q_all[:, :, image], k_c)
 
