@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor
 
 from flux_mini.flux1 import Flux
+from flux_mini.flux3 import Flux3
 from flux_mini.layers import LayerOutput
 
 SPACES = ("output", "cross_attention", "value")
@@ -111,29 +112,31 @@ class MapAccumulator:
         }
 
 
-def check_layers(model: Flux, layers: Iterable[int] | None) -> list[int]:
-    """Validate layer numbers (double blocks 0..depth-1, single blocks after); None = all double blocks."""
+def check_layers(model: Flux | Flux3, layers: Iterable[int] | None) -> list[int]:
+    """Validate layer numbers against the layers that give maps (`config.map_layers`: for Flux.1 double blocks
+    0..depth-1 and single blocks after; for FLUX.3 the joint blocks); None = `config.concept_layers`."""
     config = model.config
-    chosen = list(range(config.depth)) if layers is None else sorted(set(int(i) for i in layers))
+    chosen = list(config.concept_layers) if layers is None else sorted(set(int(i) for i in layers))
     if not chosen:
-        raise ValueError("no layers requested: pass layer numbers, or None for all double blocks")
-    bad = [i for i in chosen if not 0 <= i < config.num_layers]
+        raise ValueError("no layers requested: pass layer numbers, or None for the model's default layers")
+    valid = config.map_layers
+    bad = [i for i in chosen if i not in valid]
     if bad:
         raise ValueError(
-            f"layers {bad} do not exist: this model has double blocks 0..{config.depth - 1} and single blocks "
-            f"{config.depth}..{config.num_layers - 1}"
+            f"layers {bad} do not exist or give no concept maps: this {type(model).__name__} maps layers "
+            f"{valid.start}..{valid.stop - 1} (see `layers` in its module for the numbering)"
         )
     return chosen
 
 
 def run_concept_layers(
-    model: Flux,
+    model: Flux | Flux3,
     img: Tensor,
     img_ids: Tensor,
     txt: Tensor,
     txt_ids: Tensor,
     timesteps: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     concept_txt: Tensor,
     accumulator: MapAccumulator,
     layers: list[int],
@@ -142,61 +145,66 @@ def run_concept_layers(
     attention: str = "both",
     need_output: bool = False,
     step: int | None = None,
+    **conditioning: Tensor | None,
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
 
     Without `need_output` the pass stops after the last requested layer (maps cost no more than the
-    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels)."""
-    stream = model.concept_stream(
-        concept_txt,
-        timesteps,
-        concept_y,
-        guidance,
-        attention=attention,
-        cross_attention="cross_attention" in accumulator.spaces,
-        values="value" in accumulator.spaces,
-    )
+    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels).
+    `y`, `guidance` and `concept_y` are Flux.1's inputs (None for FLUX.3); `conditioning` holds a
+    generation's other inputs by name (FLUX.3: `cond`, `cond_ids`, `target_timesteps`)."""
+    flux1_inputs = dict(y=y, guidance=guidance, concept_y=concept_y)
+    conditioning |= {name: value for name, value in flux1_inputs.items() if value is not None}
     wanted, last = set(layers), max(layers)
-    through_single = last >= model.config.depth
-    for layer in model.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, stream, through_single):
+    passes = model.concept_pass(
+        img, img_ids, txt, txt_ids, timesteps, concept_txt, **conditioning,
+        attention=attention, cross_attention="cross_attention" in accumulator.spaces,
+        values="value" in accumulator.spaces, last_layer=None if need_output else last,
+    )  # fmt: skip
+    for layer in passes:
         if layer.index in wanted:
             accumulator.add(layer, step)
         if not need_output and layer.index >= last:
             return None
-    return model.final_layer(layer.img, layer.vec)
+    return model.velocity(layer)
 
 
 @torch.no_grad()
 def compute_concept_maps(
-    model: Flux,
+    model: Flux | Flux3,
     img: Tensor,
     img_ids: Tensor,
     txt: Tensor,
     txt_ids: Tensor,
     timesteps: Tensor,
-    y: Tensor,
-    concept_txt: Tensor,
+    y: Tensor | None = None,
+    concept_txt: Tensor | None = None,
     guidance: Tensor | None = None,
     concept_y: Tensor | None = None,
     layers: Iterable[int] | None = None,
     space: str = "output",
     softmax: bool = True,
     attention: str = "both",
+    **conditioning: Tensor | None,
 ) -> Tensor:
     """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
 
-    `timesteps` is the diffusion time as in the model's forward; `concept_txt` the concept embeddings in
-    T5 space (B, r, context_in_dim); `concept_y` the concept stream's pooled input (zeros when None)."""
+    The inputs are the model's forward inputs, plus `concept_txt`, the concept embeddings in the text
+    encoder's space (B, r, context_in_dim). Flux.1 takes `y`, `guidance` and `concept_y` (the concept
+    stream's pooled input, zeros when None); FLUX.3 takes `cond`, `cond_ids` and `target_timesteps` as
+    keywords (and no `y`)."""
+    if concept_txt is None:
+        raise ValueError("concept_txt is required: the concept embeddings (B, r, context_in_dim)")
     check_concept_txt(model, concept_txt, img.shape[0])
     accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
     run_concept_layers(
         model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, check_layers(model, layers),
-        guidance=guidance, concept_y=concept_y, attention=attention,
+        guidance=guidance, concept_y=concept_y, attention=attention, **conditioning,
     )
     return accumulator.mean()[space]
 
 
-def check_concept_txt(model: Flux, concept_txt: Tensor, batch: int) -> None:
+def check_concept_txt(model: Flux | Flux3, concept_txt: Tensor, batch: int) -> None:
     expected = (batch, "r >= 1", model.config.context_in_dim)
     if concept_txt.ndim != 3 or concept_txt.shape[0] != batch or concept_txt.shape[2] != model.config.context_in_dim:
         raise ValueError(f"concept_txt must be (B, r, context_in_dim) = {expected}, got {tuple(concept_txt.shape)}")

@@ -105,9 +105,15 @@ class Flux3Config:
         return self.depth + self.depth_single_blocks
 
     @property
-    def joint_layers(self) -> range:
-        """The layers concept maps can be read from."""
+    def map_layers(self) -> range:
+        """Every layer that can give concept maps: the joint blocks (the mode blocks never see the image)."""
         return range(self.depth, self.num_layers)
+
+    @property
+    def concept_layers(self) -> tuple[int, ...]:
+        """Layers whose concept maps are averaged when none are named: every joint block. Klein has no
+        double-stream blocks, and the joint blocks are where concepts and image meet."""
+        return tuple(self.map_layers)
 
     @classmethod
     def from_preset(cls, name: str) -> Flux3Config:
@@ -388,6 +394,31 @@ class Flux3(nn.Module):
             concepts = concept.stream if concept is not None else None
             yield LayerOutput(self.config.depth + index, x[:, image], vec, concept)
 
+    def concept_pass(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        concept_txt: Tensor,
+        cond: Tensor | None = None,
+        cond_ids: Tensor | None = None,
+        target_timesteps: Tensor | None = None,
+        attention: str = "both",
+        cross_attention: bool = False,
+        values: bool = False,
+        last_layer: int | None = None,
+    ) -> Iterator[LayerOutput]:
+        """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation).
+        `last_layer` changes nothing here: the stream rides every joint block, and the caller stops iterating."""
+        stream = self.concept_stream(concept_txt, timesteps, target_timesteps, attention, cross_attention, values)
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, cond, cond_ids, target_timesteps, stream)
+
+    def velocity(self, last: LayerOutput) -> Tensor:
+        """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""
+        return self.final_layer["image"](last.img, last.vec)
+
     def check_inputs(self, img, img_ids, txt, txt_ids, cond, cond_ids) -> None:
         if (cond is None) != (cond_ids is None):
             raise ValueError("reference tokens need their ids: pass both cond and cond_ids, or neither")
@@ -417,4 +448,4 @@ class Flux3(nn.Module):
         the flow map target_timesteps (B,) -> velocity (B, L, out_channels)."""
         for layer in self.layers(img, img_ids, txt, txt_ids, timesteps, cond, cond_ids, target_timesteps, sites=sites):
             pass
-        return self.final_layer["image"](layer.img, layer.vec)
+        return self.velocity(layer)

@@ -192,3 +192,49 @@ def test_concept_path_matches_naive_float64():
     ]:
         assert ours.shape == naive.shape, name
         assert torch.allclose(ours, naive, rtol=1e-9, atol=1e-9 * naive.abs().max().item()), name
+
+
+# -- concept maps through concept_attention.maps ---------------------------------------------------
+
+
+def maps(model, x, concept_txt, **kwargs):
+    from concept_attention import compute_concept_maps
+
+    with torch.no_grad():
+        return compute_concept_maps(model, **x, concept_txt=concept_txt, **kwargs)
+
+
+@torch.no_grad()
+def test_maps_are_the_mean_of_the_joint_layers_softmax_scores():
+    x, concept_txt = inputs(MODEL, refs=1, concepts=3, seed=2)
+    got = maps(MODEL, x, concept_txt)  # default layers: every joint block
+    stream = MODEL.concept_stream(concept_txt, x["timesteps"], x["target_timesteps"])
+    joint = [layer.concepts for layer in MODEL.layers(**x, concepts=stream) if layer.concepts is not None]
+    assert len(joint) == MODEL.config.depth_single_blocks
+    expected = sum(torch.einsum("brd,bnd->brn", c.concept_out, c.image_out).softmax(dim=1) for c in joint) / len(joint)
+    assert got.shape == (2, 3, x["img"].shape[1])  # image tokens only, never the references
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got.sum(dim=1), torch.ones(2, x["img"].shape[1]), atol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(space=st.sampled_from(["output", "cross_attention", "value"]), seed=st.integers(0, 1000))
+def test_permuting_concepts_permutes_maps(space, seed):
+    x, concept_txt = inputs(MODEL64, concepts=4, seed=seed, dtype=torch.float64)
+    perm = torch.randperm(4, generator=torch.Generator().manual_seed(seed))
+    a = maps(MODEL64, x, concept_txt, space=space)
+    b = maps(MODEL64, x, concept_txt[:, perm], space=space)
+    assert torch.allclose(a[:, perm], b, atol=1e-10)
+
+
+def test_base_model_maps_need_no_target_time():
+    x, concept_txt = inputs(BASE, concepts=2, seed=3)
+    assert maps(BASE, x, concept_txt, layers=[BASE.config.depth]).shape == (2, 2, 6)
+
+
+def test_mode_layers_give_no_maps_and_say_so():
+    import pytest
+
+    x, concept_txt = inputs(MODEL, concepts=2)
+    with pytest.raises(ValueError, match=r"layers \[0\] do not exist or give no concept maps.*Flux3 maps layers 2..3"):
+        maps(MODEL, x, concept_txt, layers=[0, 2])
