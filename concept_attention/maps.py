@@ -3,6 +3,13 @@
 A map is a (B, r, N) tensor: for each image token, one value per concept. Per layer and per timestep
 the scores become a distribution over concepts (softmax), then a running mean over the chosen layers
 and timesteps keeps memory at O(r x N) however many steps and layers are read.
+
+Works for every generation through the interface they share: `model.concept_pass(img, img_ids, txt,
+txt_ids, timesteps, concept_txt, ..., attention=, cross_attention=, values=, last_layer=)` (their `layers`
+with a fresh concept stream), `model.velocity(last_layer_output)`, `config.concept_layers` (the default
+layers) and `config.map_layers` (the layers that can give maps). Inputs only some generations have
+(Flux.1's `y`, `guidance`, `concept_y`; FLUX.2's `guidance`, `concept_ids`; FLUX.3's `cond`, `cond_ids`,
+`target_timesteps`) are passed on by name when given.
 """
 
 from __future__ import annotations
@@ -13,10 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
-from flux_mini.flux1 import Flux
-from flux_mini.flux3 import Flux3
 from flux_mini.layers import LayerOutput
 
 SPACES = ("output", "cross_attention", "value")
@@ -112,9 +117,15 @@ class MapAccumulator:
         }
 
 
-def check_layers(model: Flux | Flux3, layers: Iterable[int] | None) -> list[int]:
-    """Validate layer numbers against the layers that give maps (`config.map_layers`: for Flux.1 double blocks
-    0..depth-1 and single blocks after; for FLUX.3 the joint blocks); None = `config.concept_layers`."""
+def given(**inputs) -> dict:
+    """The generation-specific inputs that were given (not None), to pass on by name."""
+    return {name: value for name, value in inputs.items() if value is not None}
+
+
+def check_layers(model: nn.Module, layers: Iterable[int] | None) -> list[int]:
+    """Validate layer numbers against `config.map_layers` (Flux.1, FLUX.2: double blocks 0..depth-1, single
+    blocks after; FLUX.3: the joint blocks); None = the model's default, `config.concept_layers` (Flux.1: the
+    double blocks; FLUX.2: every layer; FLUX.3: every joint block)."""
     config = model.config
     chosen = list(config.concept_layers) if layers is None else sorted(set(int(i) for i in layers))
     if not chosen:
@@ -130,7 +141,7 @@ def check_layers(model: Flux | Flux3, layers: Iterable[int] | None) -> list[int]
 
 
 def run_concept_layers(
-    model: Flux | Flux3,
+    model: nn.Module,
     img: Tensor,
     img_ids: Tensor,
     txt: Tensor,
@@ -149,15 +160,15 @@ def run_concept_layers(
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
 
-    Without `need_output` the pass stops after the last requested layer (maps cost no more than the
-    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels).
-    `y`, `guidance` and `concept_y` are Flux.1's inputs (None for FLUX.3); `conditioning` holds a
-    generation's other inputs by name (FLUX.3: `cond`, `cond_ids`, `target_timesteps`)."""
-    flux1_inputs = dict(y=y, guidance=guidance, concept_y=concept_y)
-    conditioning |= {name: value for name, value in flux1_inputs.items() if value is not None}
+    `y`, `concept_y`: Flux.1's pooled inputs (None otherwise); `guidance`: Flux.1 dev and FLUX.2 dev;
+    `conditioning`: any other generation's inputs by name (FLUX.2: `concept_ids`; FLUX.3: `cond`,
+    `cond_ids`, `target_timesteps`). Without `need_output` the pass stops after the last requested layer
+    (maps cost no more than the blocks they read); with it, it runs to the end and returns the velocity
+    (B, L, out_channels)."""
     wanted, last = set(layers), max(layers)
     passes = model.concept_pass(
-        img, img_ids, txt, txt_ids, timesteps, concept_txt, **conditioning,
+        img, img_ids, txt, txt_ids, timesteps, concept_txt,
+        **given(y=y, guidance=guidance, concept_y=concept_y, **conditioning),
         attention=attention, cross_attention="cross_attention" in accumulator.spaces,
         values="value" in accumulator.spaces, last_layer=None if need_output else last,
     )  # fmt: skip
@@ -171,7 +182,7 @@ def run_concept_layers(
 
 @torch.no_grad()
 def compute_concept_maps(
-    model: Flux | Flux3,
+    model: nn.Module,
     img: Tensor,
     img_ids: Tensor,
     txt: Tensor,
@@ -189,12 +200,11 @@ def compute_concept_maps(
 ) -> Tensor:
     """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
 
-    The inputs are the model's forward inputs, plus `concept_txt`, the concept embeddings in the text
-    encoder's space (B, r, context_in_dim). Flux.1 takes `y`, `guidance` and `concept_y` (the concept
-    stream's pooled input, zeros when None); FLUX.3 takes `cond`, `cond_ids` and `target_timesteps` as
-    keywords (and no `y`)."""
-    if concept_txt is None:
-        raise ValueError("concept_txt is required: the concept embeddings (B, r, context_in_dim)")
+    `timesteps` is the diffusion time as in the model's forward; `concept_txt` the concept embeddings in
+    the text-feature space (B, r, context_in_dim). Flux.1: `y` the pooled vector, `concept_y` the concept
+    stream's pooled input (zeros when None). FLUX.2: no `y`; `concept_ids` (B, r, 4) the concepts' RoPE
+    ids (zeros when None). FLUX.3: no `y`; `cond`, `cond_ids` (reference tokens) and `target_timesteps`
+    (the flow map) as in its forward. `layers` None = `model.config.concept_layers`."""
     check_concept_txt(model, concept_txt, img.shape[0])
     accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
     run_concept_layers(
@@ -204,8 +214,10 @@ def compute_concept_maps(
     return accumulator.mean()[space]
 
 
-def check_concept_txt(model: Flux | Flux3, concept_txt: Tensor, batch: int) -> None:
+def check_concept_txt(model: nn.Module, concept_txt: Tensor | None, batch: int) -> None:
     expected = (batch, "r >= 1", model.config.context_in_dim)
+    if concept_txt is None:
+        raise ValueError(f"pass concept_txt, the concept embeddings {expected}")
     if concept_txt.ndim != 3 or concept_txt.shape[0] != batch or concept_txt.shape[2] != model.config.context_in_dim:
         raise ValueError(f"concept_txt must be (B, r, context_in_dim) = {expected}, got {tuple(concept_txt.shape)}")
     if concept_txt.shape[1] == 0:

@@ -1,9 +1,10 @@
-"""flux_mini: a small, exact PyTorch implementation of Flux.1 and FLUX.3: transformers, autoencoder, sampling."""
+"""flux_mini: small, exact PyTorch Flux.1, FLUX.2 and FLUX.3: transformers, autoencoders, sampling."""
 
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder, load_autoencoder
 from flux_mini.checkpoint import CheckpointError
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
+from flux_mini.flux2 import Flux2, Flux2Config
 from flux_mini.flux3 import Flux3, Flux3Config
 from flux_mini.pipeline import FluxPipeline
 
@@ -13,6 +14,8 @@ __all__ = [
     "CheckpointError",
     "Flux",
     "FluxConfig",
+    "Flux2",
+    "Flux2Config",
     "Flux3",
     "Flux3Config",
     "FluxPipeline",

@@ -13,6 +13,8 @@ from torch import nn
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
+from flux_mini.flux2 import Flux2Config
+from flux_mini.flux3 import Flux3Config
 
 
 def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
@@ -33,6 +35,42 @@ def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
         guidance_embed=guidance_embed,
     )
     return FluxConfig(**{**fields, **overrides})
+
+
+def tiny_flux2_config(use_guidance_embed: bool = False, **overrides) -> Flux2Config:
+    """A FLUX.2 with the official structure at toy width (head dim 16, 4 RoPE axes, theta 2000)."""
+    fields = dict(
+        in_channels=16,
+        context_in_dim=48,
+        hidden_size=64,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 4, 4, 4),
+        theta=2000,
+        mlp_ratio=3.0,
+        use_guidance_embed=use_guidance_embed,
+    )
+    return Flux2Config(**{**fields, **overrides})
+
+
+def tiny_flux3_config(flow_map: bool = True, **overrides) -> Flux3Config:
+    """A tiny FLUX.3 with the official structure: 3 token modes, 4 RoPE axes, head dim 16, SwiGLU ratio 3."""
+    fields = dict(
+        in_channels=16,
+        cond_in_channels=16,
+        out_channels=16,
+        context_in_dim=40,
+        hidden_size=64,
+        mlp_ratio=3.0,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 4, 4, 4),
+        theta=10_000,
+        flow_map=flow_map,
+    )
+    return Flux3Config(**{**fields, **overrides})
 
 
 @torch.no_grad()
@@ -230,23 +268,3 @@ def build_tiny_weights(
     (folder / "sampling.json").write_text(json.dumps({"t5_max_length": t5_max_length}) + "\n")
     return folder
 
-
-def tiny_flux3_config(flow_map: bool = True, **overrides):
-    """A tiny FLUX.3 with the official structure: 3 token modes, 4 RoPE axes, head dim 16, SwiGLU ratio 3."""
-    from flux_mini.flux3 import Flux3Config
-
-    fields = dict(
-        in_channels=16,
-        cond_in_channels=16,
-        out_channels=16,
-        context_in_dim=40,
-        hidden_size=64,
-        mlp_ratio=3.0,
-        num_heads=4,
-        depth=2,
-        depth_single_blocks=2,
-        axes_dim=(4, 4, 4, 4),
-        theta=10_000,
-        flow_map=flow_map,
-    )
-    return Flux3Config(**{**fields, **overrides})

@@ -102,10 +102,11 @@ def test_full_size_files_load_as_their_variant_and_refuse_the_other(tmp_path):
 
     with pytest.raises(CheckpointError) as info:
         load_flux(base, config="flux3-klein")
-    for words in ["looks like FLUX.3 Klein Base (BFL layout)", "config 'flux3-klein' was requested", "missing keys (2)",
-                  "ref_time_in.in_layer.weight"]:  # fmt: skip
+    for words in ["looks like flux3-klein-base (FLUX.3 transformer, BFL layout, no ref_time_in, in_channels 128, "
+                  "hidden 3072, 5 mode blocks per mode + 28 joint blocks, BF16)", "config 'flux3-klein' was requested",
+                  "flow_map: file False, requested True", "missing keys (2)", "ref_time_in.in_layer.weight"]:  # fmt: skip
         assert words in str(info.value)
-    wrong_base = "(?s)looks like FLUX.3 Klein .distilled.*unexpected keys .2.: ref_time_in"
+    wrong_base = "(?s)looks like flux3-klein .*flow map.*unexpected keys .2.: ref_time_in"
     with pytest.raises(CheckpointError, match=wrong_base):
         load_flux(distilled, config="flux3-klein-base")
 
@@ -120,8 +121,8 @@ def test_missing_key_is_named(tiny, tmp_path):
 
 def test_generation_mismatch_is_named(tiny, tmp_path):
     save_flux(tiny, tmp_path / "flux3.safetensors")
-    with pytest.raises(CheckpointError, match="is a FLUX.3 transformer, but the Flux.1 config 'flux-dev'"):
+    with pytest.raises(CheckpointError, match="preset 'flux-dev' of Flux.1 was requested: this is a FLUX.3"):
         load_flux(tmp_path / "flux3.safetensors", config="flux-dev")
     save_flux(Flux(tiny_flux_config()), tmp_path / "flux1.safetensors")
-    with pytest.raises(CheckpointError, match="is not a FLUX.3 transformer"):
+    with pytest.raises(CheckpointError, match="preset 'flux3-klein' of FLUX.3 was requested: this is a Flux.1"):
         load_flux(tmp_path / "flux1.safetensors", config="flux3-klein")
