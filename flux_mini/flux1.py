@@ -38,6 +38,7 @@ from flux_mini.layers import (
     few_token_linear,
     few_token_mlp,
     layer_norm,
+    linear_weight,
     merge_heads,
     split_heads,
     timestep_embedding,
@@ -292,8 +293,8 @@ class SingleStreamBlock(nn.Module):
     def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
         """linear2 of [attn ; mlp_act], as the sum of two products over the weight's column blocks:
         the same map without building the (T + L) x (D + M) concatenation."""
-        weight, dim = self.linear2.weight, self.hidden_size
-        return F.linear(attn, weight[:, :dim], self.linear2.bias) + F.linear(mlp_act, weight[:, dim:])
+        weight, dim = linear_weight(self.linear2).to(attn.dtype), self.hidden_size
+        return F.linear(attn, weight[:, :dim], self.linear2.bias.to(attn.dtype)) + F.linear(mlp_act, weight[:, dim:])
 
     def concept_forward(
         self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor, sites: Sites

@@ -197,16 +197,24 @@ def concept_attention(q_c: Tensor, k_c: Tensor, v_c: Tensor, k_img: Tensor, v_im
     return sum(w @ v for w, (_, v) in zip(parts, sources))
 
 
+def linear_weight(layer: nn.Module) -> Tensor:
+    """The (out, in) matrix a Linear multiplies by: its own weight, or the upcast copy of a weight stored
+    in fp8 (`flux_mini.lowmem.Float8Linear`). For code that uses a Linear's weight directly."""
+    dequantized = getattr(layer, "dequantized_weight", None)
+    return layer.weight if dequantized is None else dequantized()
+
+
 def few_token_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """layer(x) for a handful of tokens (B, r, in) -> (B, r, out), as weight @ x^T.
 
     With r ~ 10 the product is bound by reading the weight; in this orientation CPU BLAS streams it once
     instead of packing it first, about 2x faster than F.linear. Used by the concept stream only."""
     columns = rearrange(x, "b r d -> d (b r)")
+    weight = linear_weight(layer).to(x.dtype)
     if layer.bias is None:
-        out = layer.weight @ columns
+        out = weight @ columns
     else:
-        out = torch.addmm(layer.bias[:, None], layer.weight, columns)
+        out = torch.addmm(layer.bias[:, None].to(x.dtype), weight, columns)
     return rearrange(out, "o (b r) -> b r o", b=x.shape[0])
 
 

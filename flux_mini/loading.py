@@ -50,6 +50,7 @@ from flux_mini.flux2 import PRESETS as FLUX2_PRESETS
 from flux_mini.flux2 import Flux2, Flux2Config
 from flux_mini.flux3 import PRESETS as FLUX3_PRESETS
 from flux_mini.flux3 import Flux3, Flux3Config
+from flux_mini.lowmem import dequantize_float8, has_float8, prepare_float8
 
 OFFICIAL_AXES_DIM = (16, 56, 56)  # Flux.1, head dim 128
 FLUX2_AXES_DIM = (32, 32, 32, 32)  # FLUX.2, head dim 128
@@ -348,9 +349,12 @@ def load_flux(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """The file's transformer (`Flux`, `Flux2` or `Flux3`) with the checkpoint's tensors as parameters: memory-mapped,
-    in the file's dtype unless `dtype` is given. Peak memory is about one copy of the weights (diffusers
-    layout: plus its fused parts). `config`: a config or preset name of the file's generation, or None."""
+    """The file's transformer (`Flux`, `Flux2` or `Flux3`) with the checkpoint's tensors as parameters:
+    memory-mapped, in the file's dtype unless `dtype` is given. Peak memory is about one copy of the weights (diffusers
+    layout: plus its fused parts). `config`: a config or preset name of the file's generation, or None.
+
+    fp8 files (BFL layout): the Linear weights stay in fp8 with their scales and compute in bf16
+    (`flux_mini.lowmem`); `dtype=` dequantizes everything instead."""
     info = inspect_checkpoint(path)
     generation, description = info.generation, info.describe()
     if config is None:
@@ -366,10 +370,18 @@ def load_flux(
             pass  # the shapes imply no config; the key listing below says what is wrong
 
     tensors = read_safetensors(path)
-    tensors = strip_prefix(tensors, info.prefix) if info.layout == "bfl" else generation.to_bfl(tensors)
+    tensors = strip_prefix(tensors, info.prefix) if info.layout == "bfl" else tensors
+    if has_float8(tensors) and (dtype is not None or info.layout == "diffusers"):
+        tensors = dequantize_float8(tensors, dtype or torch.bfloat16)  # dtype= casts everything; fusing needs it
+    tensors = generation.to_bfl(tensors) if info.layout == "diffusers" else tensors
     tensors = _drop_unused(tensors, generation, path)
     with torch.device("meta"):
         model = generation.model(config)
+    if has_float8(tensors):  # Linear weights stay one byte each; the rest is upcast to bf16
+        try:
+            tensors, _ = prepare_float8(model, tensors)
+        except ValueError as e:
+            raise CheckpointError(f"{description}: {e}") from None
     return load_strict(model, tensors, dtype=dtype, device=device, description=description).eval()
 
 
