@@ -268,3 +268,48 @@ def build_tiny_weights(
     (folder / "sampling.json").write_text(json.dumps({"t5_max_length": t5_max_length}) + "\n")
     return folder
 
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.3's text encoder: a tiny Qwen3-VL with a word-level tokenizer and Qwen's chat template.
+
+QWEN_CHAT_TEMPLATE = (  # Qwen3-VL-Instruct's template for text-only user turns with the generation prompt
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_qwen3_vl(folder: str | Path, seed: int = 0, hidden_size: int = 16, num_layers: int = 33) -> Path:
+    """A word-level Qwen tokenizer (chat template, right padding with <|endoftext|>) and a random
+    Qwen3VLForConditionalGeneration (tiny vision tower) deep enough for FLUX.3's hidden layers 4..32."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab: dict[str, int] = {}
+    for token in (*specials, "<unk>", "user", "assistant", *TINY_WORDS, *_ALPHABET):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        padding_side="right", chat_template=QWEN_CHAT_TEMPLATE,
+    )  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+            rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[2, 1, 1],
+                                 mrope_interleaved=True),
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size,
+                           deepstack_visual_indexes=[0], num_position_embeddings=16),
+        tie_word_embeddings=True,  # as Qwen3-VL-4B
+    )  # fmt: skip
+    randomize_(Qwen3VLForConditionalGeneration(config), seed, std=0.3).save_pretrained(folder)
+    return folder
