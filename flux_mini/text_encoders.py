@@ -242,15 +242,9 @@ class Qwen3VLEmbedder(nn.Module):
         _require(tokenizer_folder, ("tokenizer.json", "tokenizer_config.json"), "Qwen3-VL tokenizer")
         _require(folder, ("config.json",), "Qwen3-VL text encoder config")
         _require(folder, WEIGHT_FILES, "Qwen3-VL text encoder weights")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+        self.tokenizer = _load_tokenizer(AutoTokenizer, tokenizer_folder, "Qwen3-VL")
         self.chat_template = self.tokenizer.chat_template or _processor_chat_template(tokenizer_folder)
-        model, info = Qwen3VLForConditionalGeneration.from_pretrained(
-            folder, local_files_only=True, dtype=dtype, output_loading_info=True
-        )
-        wrong = {kind: sorted(map(str, info.get(kind) or [])) for kind in ("missing_keys", "unexpected_keys")}
-        if any(wrong.values()):
-            listing = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(k[:5])}" for kind, k in wrong.items() if k)
-            raise ValueError(f"Qwen3-VL text encoder: the weights in {folder} do not fit the model ({listing})")
+        model = _load_exactly(Qwen3VLForConditionalGeneration, folder, "Qwen3-VL", dtype)
         decoder = model.model.language_model
         depth = len(decoder.layers)
         if not hidden_layers or min(hidden_layers) < 1 or max(hidden_layers) >= depth:

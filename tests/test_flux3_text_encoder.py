@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flux_mini.text_encoders import MissingFilesError, Qwen3VLEmbedder
+from flux_mini.text_encoders import MissingFilesError, Qwen3VLEmbedder, TextEncoderError
 from flux_mini.tiny import build_tiny_qwen3_vl
 
 WORDS = "a red cat sitting on the grass under the blue sky".split()
@@ -63,3 +63,18 @@ def test_window_is_capped_and_bad_input_is_named(folder, tmp_path):
         for name in ("tokenizer.json", "config.json"):
             (tmp_path / "empty" / name).write_text((folder / name).read_text())
         Qwen3VLEmbedder(tmp_path / "empty")
+
+
+def test_incomplete_weights_are_refused(folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if "layers.7.mlp.down_proj" in k)
+    del weights[name]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TextEncoderError, match="missing keys .1.: .*layers.7.mlp.down_proj"):
+        Qwen3VLEmbedder(broken, dtype=torch.float32)
