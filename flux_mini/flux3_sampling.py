@@ -21,18 +21,20 @@ IMAGE_ROPE_SCALE = 0.5
 PATCH = 16  # pixels per token side: the AE downsamples 8x and packs 2x2
 
 
-def check_size(height: int, width: int) -> tuple[int, int]:
-    """Pixel size -> the token grid (h, w); both sides must be positive multiples of 16."""
-    if height <= 0 or width <= 0 or height % PATCH or width % PATCH:
-        raise ValueError(f"FLUX.3 image sides must be positive multiples of {PATCH}, got {width}x{height}")
-    return height // PATCH, width // PATCH
+def check_size(height: int, width: int, patch: int = PATCH) -> tuple[int, int]:
+    """Pixel size -> the token grid (h, w); both sides must be positive multiples of `patch` (16; a tiny
+    autoencoder's own factor otherwise)."""
+    if height <= 0 or width <= 0 or height % patch or width % patch:
+        raise ValueError(f"FLUX.3 image sides must be positive multiples of {patch}, got {width}x{height}")
+    return height // patch, width // patch
 
 
 def get_noise(
-    num_samples: int, height: int, width: int, *, seed: int, dtype: torch.dtype, channels: int = 128
-) -> Tensor:
+    num_samples: int, height: int, width: int, *, seed: int, dtype: torch.dtype, channels: int = 128,
+    patch: int = PATCH,
+) -> Tensor:  # fmt: skip
     """(B, 128, H/16, W/16) standard normal, drawn in float32 on the CPU (seed-compatible everywhere), then cast."""
-    h, w = check_size(height, width)
+    h, w = check_size(height, width, patch)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(num_samples, channels, h, w, generator=generator, dtype=torch.float32).to(dtype)
 
