@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor
 
 from flux_mini.flux1 import Flux
-from flux_mini.layers import LayerOutput
+from flux_mini.layers import NO_SITES, LayerOutput, Sites
 
 SPACES = ("output", "cross_attention", "value")
 NORMALIZATIONS = (None, "linear")
@@ -142,11 +142,13 @@ def run_concept_layers(
     attention: str = "both",
     need_output: bool = False,
     step: int | None = None,
+    sites: Sites = NO_SITES,
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
 
     Without `need_output` the pass stops after the last requested layer (maps cost no more than the
-    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels)."""
+    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels).
+    `sites` caches or patches named values on the way (`flux_mini.interp`)."""
     stream = model.concept_stream(
         concept_txt,
         timesteps,
@@ -158,7 +160,7 @@ def run_concept_layers(
     )
     wanted, last = set(layers), max(layers)
     through_single = last >= model.config.depth
-    for layer in model.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, stream, through_single):
+    for layer in model.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, stream, through_single, sites):
         if layer.index in wanted:
             accumulator.add(layer, step)
         if not need_output and layer.index >= last:
@@ -166,7 +168,6 @@ def run_concept_layers(
     return model.final_layer(layer.img, layer.vec)
 
 
-@torch.no_grad()
 def compute_concept_maps(
     model: Flux,
     img: Tensor,
@@ -182,16 +183,19 @@ def compute_concept_maps(
     space: str = "output",
     softmax: bool = True,
     attention: str = "both",
+    sites: Sites = NO_SITES,
 ) -> Tensor:
     """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
 
     `timesteps` is the diffusion time as in the model's forward; `concept_txt` the concept embeddings in
-    T5 space (B, r, context_in_dim); `concept_y` the concept stream's pooled input (zeros when None)."""
+    T5 space (B, r, context_in_dim); `concept_y` the concept stream's pooled input (zeros when None).
+    Differentiable: wrap it in `torch.no_grad()` unless gradients are wanted (attribution). `sites` caches or
+    patches named values (`flux_mini.interp`)."""
     check_concept_txt(model, concept_txt, img.shape[0])
     accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
     run_concept_layers(
         model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, check_layers(model, layers),
-        guidance=guidance, concept_y=concept_y, attention=attention,
+        guidance=guidance, concept_y=concept_y, attention=attention, sites=sites,
     )
     return accumulator.mean()[space]
 
