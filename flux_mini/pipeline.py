@@ -252,7 +252,6 @@ class FluxPipeline:
                     f"factor {self.autoencoder.downsample_factor}); use e.g. {lower} or {upper}"
                 )
 
-    @torch.inference_mode()
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Prompts -> txt (B, T, d_T5), txt_ids (B, T, 3), y (B, d_CLIP), in the pipeline dtype on the device."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -290,16 +289,20 @@ class FluxPipeline:
         timesteps: list[float],
         guidance: float | None = None,
         progress: bool = True,
+        interventions=None,
+        grad: bool = False,
     ) -> Tensor:
-        """The Euler loop on the transformer; guidance only reaches dev-family models."""
+        """The Euler loop on the transformer; guidance only reaches dev-family models. `interventions`
+        (`flux_mini.interp.Interventions`) caches or patches named sites per step; autograd only with `grad`."""
         if not self.model.config.guidance_embed:
             guidance = None
         elif guidance is None:
             guidance = self.defaults.guidance
         with self.on_device(self.model):
-            return denoise(self.model, img, img_ids, txt, txt_ids, y, timesteps, guidance, progress)
+            return denoise(
+                self.model, img, img_ids, txt, txt_ids, y, timesteps, guidance, progress, interventions, grad
+            )
 
-    @torch.inference_mode()
     def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
         """Final tokens (B, L, 4z) -> images (B, C, height, width) in float32, clamped to [-1, 1]."""
         self.check_size(height, width)
@@ -327,16 +330,20 @@ class FluxPipeline:
         guidance: float | None = None,
         seed: int = 0,
         progress: bool = True,
+        interventions=None,
     ) -> Image.Image | list[Image.Image]:
         """Generate one image per prompt (a PIL image for a string, a list for a list).
 
         width and height must be multiples of 16 (of 2 x the AE downsample factor): ValueError otherwise.
-        num_steps and guidance default to the variant's; schnell models ignore guidance."""
+        num_steps and guidance default to the variant's; schnell models ignore guidance. `interventions`
+        (`flux_mini.interp.Interventions`) caches or patches named sites at every (or chosen) denoising
+        steps; the cache stays on it (`interventions.cache[step][name]`). Runs without autograd."""
         self.check_size(height, width)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        txt, txt_ids, y = self.encode_prompt(prompts)
-        img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
-        timesteps = self.timesteps(num_steps or self.defaults.num_steps, img.shape[1])
-        tokens = self.denoise(img, img_ids, txt, txt_ids, y, timesteps, guidance, progress)
-        images = self.to_pil(self.decode_tokens(tokens, height, width))
+        with torch.no_grad():
+            txt, txt_ids, y = self.encode_prompt(prompts)
+            img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
+            timesteps = self.timesteps(num_steps or self.defaults.num_steps, img.shape[1])
+            tokens = self.denoise(img, img_ids, txt, txt_ids, y, timesteps, guidance, progress, interventions)
+            images = self.to_pil(self.decode_tokens(tokens, height, width))
         return images[0] if isinstance(prompt, str) else images

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from concept_attention import compute_concept_maps
+from concept_attention import ConceptAttentionPipeline, compute_concept_maps
+from concept_attention.demo import demo_model
 from flux_mini.flux1 import CONCEPT_SITES, Flux
 from flux_mini.interp import (
+    Interventions,
     NamedSites,
     ablate_heads,
     attention_weights,
@@ -358,6 +361,72 @@ def test_gradient_reaches_a_steering_vector_and_cached_values():
                                 patches={"double_blocks.1.img": lambda v: v + direction})  # fmt: skip
     (out.square().sum() + cache["single_blocks.0.attn"].sum()).backward()
     assert direction.grad is not None and direction.grad.abs().sum() > 0
+
+
+# -- inside the pipelines (the demo model) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    settings = demo_model(announce=False)
+    return ConceptAttentionPipeline.from_folder(settings.weights), settings
+
+
+def test_flux_pipeline_caches_and_patches_at_chosen_steps(demo):
+    pipe, settings = demo
+    flux, model, size = pipe.flux, pipe.flux.model, settings.image_size
+    run = dict(width=size, height=size, num_steps=4, seed=1, progress=False)
+    plain = np.asarray(flux(settings.prompt, **run))
+    chosen = Interventions(model, cache=["img_in", "double_blocks.*.img"], patches={"*": lambda v: v}, steps=[0, 2])
+    assert np.array_equal(np.asarray(flux(settings.prompt, **run, interventions=chosen)), plain)
+    assert sorted(chosen.cache) == [0, 2]
+    assert list(chosen.cache[2]) == ["img_in"] + [f"double_blocks.{i}.img" for i in range(model.config.depth)]
+    noise, _ = flux.prepare_latents(1, size, size, seed=1)
+    with torch.no_grad():
+        assert torch.equal(chosen.cache[0]["img_in"], model.img_in(noise))  # step 0 reads the seed's noise
+    # patches from a run's own cache, step by step, give that run back; the same values one step late do not
+    every = Interventions(model, cache=["img_in"])
+    flux(settings.prompt, **run, interventions=every)
+    replay = Interventions(model, patches=lambda step: every.cache[step])
+    late = Interventions(model, patches=lambda step: every.cache[max(step - 1, 0)])
+    assert np.array_equal(np.asarray(flux(settings.prompt, **run, interventions=replay)), plain)
+    assert not np.array_equal(np.asarray(flux(settings.prompt, **run, interventions=late)), plain)
+
+
+def test_concept_pipelines_take_interventions(demo):
+    pipe, settings = demo
+    model, size, concepts = pipe.flux.model, settings.image_size, settings.concepts
+    run = dict(width=size, height=size, num_inference_steps=4, seed=2, progress=False)
+    plain = pipe.generate_image(settings.prompt, concepts, **run)
+    cached = Interventions(model, cache=["double_blocks.3.concepts"], patches={"*": lambda v: v}, steps=[1])
+    out = pipe.generate_image(settings.prompt, concepts, **run, interventions=cached)
+    assert torch.equal(out.concept_maps, plain.concept_maps)
+    assert np.array_equal(np.asarray(out.image), np.asarray(plain.image))
+    assert list(out.cache) == [1] and out.cache[1]["double_blocks.3.concepts"].shape == (1, 3, model.config.hidden_size)
+    heads = Interventions(model, patches={"double_blocks.*.img_attn": ablate_heads([0, 1], model.config.num_heads)})
+    ablated = pipe.generate_image(settings.prompt, concepts, **run, interventions=heads)
+    assert not torch.allclose(ablated.concept_maps, plain.concept_maps)
+    image = plain.image
+    encoded = pipe.encode_image(image, concepts, num_samples=2, interventions=Interventions(model, cache=["txt_in"]))
+    assert sorted(encoded.cache) == [0, 1] and torch.equal(encoded.cache[0]["txt_in"], encoded.cache[1]["txt_in"])
+    with pytest.raises(ValueError, match="stops"):  # the maps read layers 0..3; the pass ends there
+        pipe.encode_image(image, concepts, interventions=Interventions(model, cache=["single_blocks.0.x"]))
+
+
+def test_pipelines_run_under_autograd_when_asked(demo):
+    pipe, settings = demo
+    model, size = pipe.flux.model, settings.image_size
+    txt, _, _ = pipe.flux.encode_prompt(settings.prompt)
+    assert not torch.is_inference(txt)  # text embeddings can enter a differentiable forward
+    direction = torch.zeros(model.config.hidden_size, requires_grad=True)
+    steer = Interventions(model, patches={"double_blocks.1.img": lambda v: v + direction})
+    out = pipe.generate_image(settings.prompt, settings.concepts, width=size, height=size, num_inference_steps=2,
+                              progress=False, interventions=steer, grad=True)  # fmt: skip
+    out.concept_maps[0].sum().backward()
+    assert direction.grad.abs().sum() > 0
+    plain = pipe.generate_image(settings.prompt, settings.concepts, width=size, height=size, num_inference_steps=2,
+                                progress=False)  # fmt: skip
+    assert not plain.concept_maps.requires_grad
 
 
 # -- errors ----------------------------------------------------------------------------------------------
