@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flux_mini.layers import LayerOutput
+from flux_mini.layers import NO_SITES, LayerOutput, Sites
 
 SPACES = ("output", "cross_attention", "value")
 NORMALIZATIONS = (None, "linear")
@@ -159,21 +159,23 @@ def run_concept_layers(
     attention: str = "both",
     need_output: bool = False,
     step: int | None = None,
+    concept_ids: Tensor | None = None,
+    sites: Sites = NO_SITES,
     **conditioning: Tensor | None,
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
 
     `y`, `concept_y`: Flux.1's pooled inputs (None otherwise); `guidance`: Flux.1 dev and FLUX.2 dev;
-    `conditioning`: any other generation's inputs by name (FLUX.2: `concept_ids`; FLUX.3: `cond`,
-    `cond_ids`, `target_timesteps`). Without `need_output` the pass stops after the last requested layer
-    (maps cost no more than the blocks they read); with it, it runs to the end and returns the velocity
-    (B, L, out_channels)."""
+    `concept_ids`: FLUX.2's concept RoPE ids; `conditioning`: any other generation's inputs by name (FLUX.3:
+    `cond`, `cond_ids`, `target_timesteps`). Without `need_output` the pass stops after the last requested
+    layer (maps cost no more than the blocks they read); with it, it runs to the end and returns the velocity
+    (B, L, out_channels). `sites` caches or patches named values on the way (`flux_mini.interp`)."""
     wanted, last = set(layers), max(layers)
     passes = model.concept_pass(
         img, img_ids, txt, txt_ids, timesteps, concept_txt,
-        **given(y=y, guidance=guidance, concept_y=concept_y, **conditioning),
+        **given(y=y, guidance=guidance, concept_y=concept_y, concept_ids=concept_ids, **conditioning),
         attention=attention, cross_attention="cross_attention" in accumulator.spaces,
-        values="value" in accumulator.spaces, last_layer=None if need_output else last,
+        values="value" in accumulator.spaces, last_layer=None if need_output else last, sites=sites,
     )  # fmt: skip
     for layer in passes:
         if layer.index in wanted:
@@ -183,7 +185,6 @@ def run_concept_layers(
     return model.velocity(layer)
 
 
-@torch.no_grad()
 def compute_concept_maps(
     model: nn.Module,
     img: Tensor,
@@ -199,6 +200,8 @@ def compute_concept_maps(
     space: str = "output",
     softmax: bool = True,
     attention: str = "both",
+    concept_ids: Tensor | None = None,
+    sites: Sites = NO_SITES,
     **conditioning: Tensor | None,
 ) -> Tensor:
     """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
@@ -207,12 +210,15 @@ def compute_concept_maps(
     the text-feature space (B, r, context_in_dim). Flux.1: `y` the pooled vector, `concept_y` the concept
     stream's pooled input (zeros when None). FLUX.2: no `y`; `concept_ids` (B, r, 4) the concepts' RoPE
     ids (zeros when None). FLUX.3: no `y`; `cond`, `cond_ids` (reference tokens) and `target_timesteps`
-    (the flow map) as in its forward. `layers` None = `model.config.concept_layers`."""
+    (the flow map) as in its forward. `layers` None = `model.config.concept_layers`. Differentiable: wrap it in
+    `torch.no_grad()` unless gradients are wanted (attribution). `sites` caches or patches named values
+    (`flux_mini.interp`)."""
     check_concept_txt(model, concept_txt, img.shape[0])
     accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
     run_concept_layers(
         model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, check_layers(model, layers),
-        guidance=guidance, concept_y=concept_y, attention=attention, **conditioning,
+        guidance=guidance, concept_y=concept_y, attention=attention, concept_ids=concept_ids, sites=sites,
+        **conditioning,
     )
     return accumulator.mean()[space]
 

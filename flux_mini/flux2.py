@@ -501,12 +501,13 @@ class Flux2(nn.Module):
         cross_attention: bool = False,
         values: bool = False,
         last_layer: int | None = None,
+        sites: Sites = NO_SITES,
     ) -> Iterator[LayerOutput]:
         """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation);
         the stream enters the single blocks only when `last_layer` (None: the last) is one of them."""
         stream = self.concept_stream(concept_txt, timesteps, concept_ids, guidance, attention, cross_attention, values)
         through_single = last_layer is None or last_layer >= self.config.depth
-        return self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, stream, through_single)
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, stream, through_single, sites)
 
     def velocity(self, last: LayerOutput) -> Tensor:
         """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""

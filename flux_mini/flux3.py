@@ -17,14 +17,15 @@ t = 0), attending among themselves in the mode blocks; in the joint blocks they 
 modulation and attend to [concepts ; image] while nothing attends to them, so the image is unchanged. Maps come
 from the joint blocks only (the mode blocks never see the image). See the README for the reasons.
 
-Named sites (`flux_mini.interp`): `vec` (the image tokens' time vector, (B, D)), `vec0` (the text and reference
-tokens' vector, time 0), `img_in`, `txt_in`, `cond_in` (the projected tokens); per block, under its official
-prefix (`txt_mode_blocks.N.`, `content_mode_blocks.image.N.`, `content_mode_blocks.image_cond.N.`,
-`single_blocks.N.`): `q`, `k`, `v` (after QK-norm and RoPE, (B, H, tokens, Dh)), `attn` (attention output
-before `attn_out`, (B, tokens, D)), `mlp` (SwiGLU activations, (B, tokens, M)), `x` (the tokens after the
-block; [txt ; img ; cond] in a joint block); with concepts, in text mode blocks and joint blocks,
+Named sites (`flux_mini.interp`), declared in the `SITES` of `Flux3` and `Block`: `vec` (the image tokens'
+time vector, (B, D)), `vec0` (the text and reference tokens' vector, time 0), `txt_in`, `img_in`, `cond_in` (the
+projected tokens); per block, under its official prefix (`txt_mode_blocks.N.`, `content_mode_blocks.image.N.`,
+`content_mode_blocks.image_cond.N.`, `single_blocks.N.`), the names of Flux.1's single blocks: `q`, `k`, `v`
+(after QK-norm and RoPE, (B, H, tokens, Dh)), `attn` (attention output before `attn_out`, (B, tokens, D)),
+`mlp` (SwiGLU activations, (B, tokens, M)), `x` (the tokens after the block; [txt ; img ; cond] in a joint
+block); with concepts, in text mode blocks and joint blocks, `concept_q`, `concept_k` (B, H, r, Dh),
 `concept_attn` (the concepts' attention output before `attn_out`, (B, r, D)) and `concepts` (the stream after
-the block).
+the block). A forward visits them layer by layer: text, image, reference mode block i, then the joint blocks.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ class Block(nn.Module):
     A mode block runs it on one mode's tokens with that mode's (B, 1, D) modulation; a joint block on
     [txt ; img ; cond] with the per-token modulation. The weights are the same kind either way."""
 
+    SITES = ("q", "k", "v", "attn", "mlp", "x", "concept_q", "concept_k", "concept_attn", "concepts")
+
     def __init__(self, config: Flux3Config):
         super().__init__()
         dim = config.hidden_size
@@ -248,7 +251,7 @@ class Block(nn.Module):
         c = concepts.tokens
         a = mod.modulate(c)
         q_c, k_c, v_c = self.heads(*(few_token_linear(p, a) for p in (self.q_proj, self.k_proj, self.v_proj)))
-        q_c, k_c = q_c.to(v_c.dtype), k_c.to(v_c.dtype)
+        q_c, k_c = sites("concept_q", q_c.to(v_c.dtype)), sites("concept_k", k_c.to(v_c.dtype))
         mode = "self" if img_k is None else concepts.attention
         o_c = sites("concept_attn", merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, mode)))
         mlp_c = swiglu(few_token_linear(self.mlp_in, a))
@@ -276,6 +279,8 @@ class LastLayer(nn.Module):
 class Flux3(nn.Module):
     """Flow-matching (flow-map when distilled) transformer: image tokens, Qwen3-VL text features and optional
     reference-image tokens -> the velocity of the image tokens."""
+
+    SITES = ("vec", "vec0", "txt_in", "img_in", "cond_in")  # its blocks' sites follow, under their module names
 
     def __init__(self, config: Flux3Config):
         super().__init__()
@@ -409,11 +414,12 @@ class Flux3(nn.Module):
         cross_attention: bool = False,
         values: bool = False,
         last_layer: int | None = None,
+        sites: Sites = NO_SITES,
     ) -> Iterator[LayerOutput]:
         """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation).
         `last_layer` changes nothing here: the stream rides every joint block, and the caller stops iterating."""
         stream = self.concept_stream(concept_txt, timesteps, target_timesteps, attention, cross_attention, values)
-        return self.layers(img, img_ids, txt, txt_ids, timesteps, cond, cond_ids, target_timesteps, stream)
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, cond, cond_ids, target_timesteps, stream, sites)
 
     def velocity(self, last: LayerOutput) -> Tensor:
         """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""

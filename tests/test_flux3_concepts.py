@@ -238,3 +238,28 @@ def test_mode_layers_give_no_maps_and_say_so():
     x, concept_txt = inputs(MODEL, concepts=2)
     with pytest.raises(ValueError, match=r"layers \[0\] do not exist or give no concept maps.*Flux3 maps layers 2..3"):
         maps(MODEL, x, concept_txt, layers=[0, 2])
+
+
+# -- named sites ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_declared_sites_are_exactly_the_visited_ones_and_patches_work():
+    from flux_mini.interp import run_with_cache, run_with_patches, site_names
+
+    x, concept_txt = inputs(MODEL, refs=1, concepts=2, seed=4)
+    visited: dict = {}
+    stream = MODEL.concept_stream(concept_txt, x["timesteps"], x["target_timesteps"])
+    list(MODEL.layers(**x, concepts=stream, sites=Record(visited)))
+    declared = site_names(MODEL)
+    image_concept = [n for n in declared if n.startswith("content_mode_blocks.") and ".concept" in n]
+    assert set(visited) == set(declared) - set(image_concept)  # image modes never carry concepts
+    assert "single_blocks.1.concept_attn" in visited and "txt_mode_blocks.0.concepts" in visited
+
+    plain = MODEL(**x)
+    output, cache = run_with_cache(MODEL, **x, names=["single_blocks.*.x"])
+    assert torch.equal(output, plain) and torch.equal(cache["single_blocks.1.x"], visited["single_blocks.1.x"])
+    identity = run_with_patches(MODEL, **x, patches={"single_blocks.0.attn": lambda v: v})
+    assert torch.equal(identity, plain)
+    ablated = run_with_patches(MODEL, **x, patches={"content_mode_blocks.image_cond.1.x": 0.0})
+    assert not torch.equal(ablated, plain)  # the references reach the image through the joint blocks
