@@ -299,6 +299,7 @@ def write_folder(root, n=2, size=8, classes="label,name\n0,background\n1,cat\n2,
     ("label,name\n0,background\n1,cat\n2,cat\n", r"lines 3 and 4: two labels are named 'cat'"),
     ("label,name\n0,background\none,cat\n", r"line 3: label 'one' is not a non-negative integer"),
     ("label,name\n0,background\n1,\n", r"line 3: label 1 has no name"),
+    ("label,name\n0,background\n\u00b2,cat\n", r"line 3: label '\u00b2' is not a non-negative integer"),
 ])
 def test_classes_csv_errors_name_the_rows(tmp_path, classes, message):
     from concept_attention.segmentation.datasets import DatasetError, FolderDataset
