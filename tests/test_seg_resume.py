@@ -375,6 +375,9 @@ def test_an_eval_size_that_cannot_fit_is_refused_with_one_that_does():
     fits = int(str(error.value).split("use --eval-size ")[1].split()[0])
     assert eval_memory_bytes(fits, 26, 21) <= available // 2 < eval_memory_bytes(fits + 1, 26, 21)
     check_eval_memory(replace(proto, eval_size=fits), 21, available=available)
+    with pytest.raises(EvalError, match=r"--pipeline-size 100000 needs about 223\.5 GiB .* use --pipeline-size 13377 "):
+        check_eval_memory(replace(proto, pipeline_size=100000), 21, available=available)
+    check_eval_memory(replace(proto, pipeline_size=13377), 21, available=available)
 
 
 def test_eval_size_guard_runs_before_anything_is_allocated(tmp_path):

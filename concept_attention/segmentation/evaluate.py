@@ -338,11 +338,18 @@ def available_memory_bytes() -> int | None:
 
 
 def check_eval_memory(protocol: SegProtocol, num_classes: int, available: int | None = None) -> None:
-    """Refuse an eval size whose scoring would not fit in half the available memory (the rest is the model's),
-    naming the estimate and the largest size that fits."""
+    """Refuse sizes whose work would not fit in half the available memory (the rest is the model's), naming the
+    estimate and the largest size that fits: the eval size's scoring, and the input image prepare_image makes
+    (float32 RGB at pipeline_size, twice: the array and its nearest upsample; the model's own need is the
+    pipeline's to check)."""
     available = available_memory_bytes() if available is None else available
     if available is None:
         return
+    for flag, size in (("--pipeline-size", protocol.pipeline_size), ("--input-size", protocol.input_size)):
+        if size is not None and 2 * 12 * size ** 2 > available // 2:
+            raise EvalError(f"{flag} {size} needs about {24 * size ** 2 / 2**30:.1f} GiB for the input image alone, "
+                            f"more than half of the {available / 2**30:.1f} GiB available: use {flag} "
+                            f"{math.isqrt(available // 2 // 24)} or less")
     background = len(protocol.background_concepts)
     concepts, channels = (1 + background, 2) if protocol.task == "binary" else (background + num_classes, num_classes)
     need = eval_memory_bytes(protocol.eval_size, concepts, channels)
