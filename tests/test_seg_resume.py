@@ -383,3 +383,14 @@ def test_an_eval_size_that_cannot_fit_is_refused_with_one_that_does():
 def test_eval_size_guard_runs_before_anything_is_allocated(tmp_path):
     with pytest.raises(SystemExit, match=r"--eval-size 1000000 needs about .* GiB"):
         background_only(tmp_path, "--eval-size", "1000000")
+
+
+def test_eval_speaks_the_shared_cli_vocabulary(tmp_path, capsys):
+    from concept_attention.cli import build_parser
+
+    with pytest.raises(SystemExit, match="--device foo: not a device"):
+        background_only(tmp_path, "--device", "foo")
+    assert parse("--dataset", "shapes", "--out", "x", "--quiet").no_progress
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    assert "(default: float32)" in capsys.readouterr().out
