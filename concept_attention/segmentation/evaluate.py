@@ -259,8 +259,9 @@ def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, c
             wanted.setdefault((METHODS[method].attention, t), []).append((t_key(method, t), method, False))
     for (attention, t), jobs in wanted.items():
         per_layer = any(job[2] for job in jobs)
+        provider = get_provider()                   # a model that cannot load says so itself
         try:
-            out = get_provider().encode_image(
+            out = provider.encode_image(
                 image, vocab.concepts, prompt=vocab.prompt, noise_timestep=protocol.noise_timestep,
                 num_steps=protocol.num_steps, t=t, num_samples=protocol.num_samples, seed=protocol.seed,
                 layer_indices=list(protocol.layers) if protocol.layers is not None else None,
