@@ -461,7 +461,7 @@ class Flux2(nn.Module):
         when given, runs through the double blocks and (unless switched off) the single blocks.
         `sites` reads or replaces named values on the way (`flux_mini.interp`)."""
         if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
+            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)}, {tuple(txt.shape)}")
         if img_ids.shape[-1] != 4 or txt_ids.shape[-1] != 4:
             raise ValueError(f"FLUX.2 ids have 4 axes (t, h, w, l), got {img_ids.shape[-1]} and {txt_ids.shape[-1]}")
         vec = sites("vec", self.conditioning(timesteps, guidance))

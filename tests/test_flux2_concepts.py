@@ -123,10 +123,12 @@ def naive_blocks(model: Flux2, x: dict, concept_ids: torch.Tensor) -> dict:
         chunks = lin(torch.nn.functional.silu(vec), name)[:, None].chunk(3 * sets, dim=-1)
         return [chunks[i : i + 3] for i in range(0, 3 * sets, 3)]
 
-    vec = lin(torch.nn.functional.silu(lin(temb(x["timesteps"]), "time_in.in_layer.weight")), "time_in.out_layer.weight")
+    def embed(value, name):
+        return lin(torch.nn.functional.silu(lin(temb(value), f"{name}.in_layer.weight")), f"{name}.out_layer.weight")
+
+    vec = embed(x["timesteps"], "time_in")
     if c.use_guidance_embed:
-        g = temb(x["guidance"])
-        vec = vec + lin(torch.nn.functional.silu(lin(g, "guidance_in.in_layer.weight")), "guidance_in.out_layer.weight")
+        vec = vec + embed(x["guidance"], "guidance_in")
     img, txt, con = lin(x["img"].double(), "img_in.weight"), lin(x["txt"].double(), "txt_in.weight"), None
     con = lin(x["concept_txt"].double(), "txt_in.weight")
     (img_a, img_m), (txt_a, txt_m) = mods("double_stream_modulation_img.lin.weight", 2), mods(
@@ -180,7 +182,8 @@ def naive_blocks(model: Flux2, x: dict, concept_ids: torch.Tensor) -> dict:
     attn = attend(q_r, k_r, v)
     xs = xs + gate * lin(torch.cat((attn, swiglu(mlp_in)), dim=-1), f"{b}linear2.weight")
     q_c, k_c, v_c, mlp_c = parts["con"]
-    o_c = attend(rope(q_c, concept_ids), torch.cat((rope(k_c, concept_ids), k_r[:, T:]), dim=1), torch.cat((v_c, v[:, T:]), dim=1))
+    keys, values = torch.cat((rope(k_c, concept_ids), k_r[:, T:]), dim=1), torch.cat((v_c, v[:, T:]), dim=1)
+    o_c = attend(rope(q_c, concept_ids), keys, values)
     stream = new["con"] + gate * lin(torch.cat((o_c, swiglu(mlp_c)), dim=-1), f"{b}linear2.weight")
     out["single"] = dict(
         img=xs[:, T:], concept_out=o_c, image_out=attn[:, T:], stream=stream, scores=o_c @ attn[:, T:].transpose(1, 2),
@@ -271,9 +274,8 @@ def test_permuting_concepts_permutes_maps(perm_seed, concepts, space, attention,
     ids = torch.randint(0, 600, (2, concepts, 4), generator=g) if own_ids else concept_position_ids(2, concepts, 510)
     perm = torch.randperm(concepts, generator=g)
     base = maps(MODEL64, x, space=space, attention=attention, concept_ids=ids)
-    permuted = maps(
-        MODEL64, x | {"concept_txt": x["concept_txt"][:, perm]}, space=space, attention=attention, concept_ids=ids[:, perm]
-    )
+    x_permuted = x | {"concept_txt": x["concept_txt"][:, perm]}
+    permuted = maps(MODEL64, x_permuted, space=space, attention=attention, concept_ids=ids[:, perm])
     torch.testing.assert_close(permuted, base[:, perm], rtol=1e-9, atol=1e-12)
 
 
