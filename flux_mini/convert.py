@@ -279,7 +279,7 @@ def flux2_config_from_diffusers(c: Mapping) -> Flux2Config:
     defaults = Flux2Config()
     in_channels = c.get("in_channels", defaults.in_channels)
     if (c.get("out_channels") or in_channels) != in_channels:
-        raise ValueError(f"FLUX.2 has out_channels = in_channels; this config has {c['out_channels']} and {in_channels}")
+        raise ValueError(f"FLUX.2 has out_channels = in_channels, not {c['out_channels']} and {in_channels}")
     heads = c.get("num_attention_heads", defaults.num_heads)
     return Flux2Config(
         in_channels=in_channels,
