@@ -47,6 +47,7 @@ from flux_mini.layers import (
     few_token_linear,
     few_token_mlp,
     layer_norm,
+    linear_weight,
     merge_heads,
     split_heads,
     timestep_embedding,
@@ -337,7 +338,7 @@ class SingleStreamBlock(nn.Module):
     def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
         """linear2 of [attn ; mlp_act] as the sum of two products over the weight's column blocks,
         without building the (T + L) x (D + M) concatenation."""
-        weight, dim = self.linear2.weight, self.hidden_size
+        weight, dim = linear_weight(self.linear2).to(attn.dtype), self.hidden_size
         return F.linear(attn, weight[:, :dim]) + F.linear(mlp_act, weight[:, dim:])
 
     def concept_forward(
