@@ -77,6 +77,12 @@ class Flux2Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        sizes = {n: getattr(self, n) for n in ("in_channels", "context_in_dim", "hidden_size", "num_heads", "theta")}
+        bad = [f"{n} {v!r}" for n, v in sizes.items() if not (type(v) is int and v > 0)]
+        if type(self.mlp_ratio) not in (int, float) or self.mlp_ratio <= 0:
+            bad.append(f"mlp_ratio {self.mlp_ratio!r}")
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive (sizes and head counts integers)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):

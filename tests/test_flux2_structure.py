@@ -107,3 +107,5 @@ def test_bad_configs_and_presets_say_why():
         Flux2Config(axes_dim=(32, 32, 32))
     with pytest.raises(ValueError, match="not divisible"):
         Flux2Config(num_heads=5)
+    with pytest.raises(ValueError, match="hidden_size 0, mlp_ratio -1.0: must be positive"):
+        Flux2Config(hidden_size=0, mlp_ratio=-1.0)
