@@ -56,11 +56,11 @@ def pixels(image) -> np.ndarray:
 
 
 def test_size_and_steps_come_from_the_folder(pipe):
-    """Bug: 1024x1024 and 4 steps whatever the folder says (the tiny folder says 64x64)."""
+    """Bug: 1024x1024 and 4 steps whatever the folder says (the tiny folder says 32x32)."""
     image = pipe.flux("a cat", progress=False)
-    assert image.size == (64, 64) and pipe.flux.defaults.num_steps == 4
+    assert image.size == (32, 32) and pipe.flux.defaults.num_steps == 4
     out = pipe.generate_image("a cat", CONCEPTS, num_inference_steps=1, progress=False)
-    assert out.image.size == (64, 64) and out.concept_maps.shape == (3, 16, 16)
+    assert out.image.size == (32, 32) and out.concept_maps.shape == (3, 8, 8)
 
 
 def test_dev_defaults_are_the_same_in_both_pipelines(dev_folder):
@@ -76,7 +76,7 @@ def test_dev_defaults_are_the_same_in_both_pipelines(dev_folder):
 
 def test_encode_resizes_to_the_folders_size_unless_told(pipe):
     image = Image.new("RGB", (200, 120), (200, 30, 30))
-    assert pipe.encode_image(image, CONCEPTS, layer_indices=[0]).concept_maps.shape == (3, 16, 16)  # 64x64
+    assert pipe.encode_image(image, CONCEPTS, layer_indices=[0]).concept_maps.shape == (3, 8, 8)  # 32x32
     assert pipe.encode_image(image, CONCEPTS, layer_indices=[0], width=32, height=16).concept_maps.shape == (3, 4, 8)
 
 
@@ -378,7 +378,7 @@ def test_tiny_folder_then_generate_with_its_own_defaults(tmp_path, capsys):
     assert flux_main(["tiny", str(tmp_path / "tiny")]) == 0
     assert flux_main(["generate", "--weights", str(tmp_path / "tiny"), "--prompt", "a red circle", "--out",
                       str(tmp_path / "tiny.png"), "--quiet"]) == 0
-    assert Image.open(tmp_path / "tiny.png").size == (64, 64) and "64x64" in capsys.readouterr().out
+    assert Image.open(tmp_path / "tiny.png").size == (32, 32) and "32x32" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_random_fallback_model_is_labelled_and_cleaned_up(tmp_path, capsys):
 
     with embedded_model(folder=tmp_path / "no-demo-here") as demo:
         assert not demo.trained and demo.label.startswith("random model") and demo.weights.is_dir()
-        assert demo.image_size == 64
+        assert demo.image_size == 32
     assert not demo.weights.exists()
     said = capsys.readouterr().out
     assert "RANDOM model" in said and "weights/demo/" in said and "removed afterwards" in said
