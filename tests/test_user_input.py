@@ -64,7 +64,8 @@ def test_size_and_steps_come_from_the_folder(pipe):
 
 
 def test_dev_defaults_are_the_same_in_both_pipelines(dev_folder):
-    """Bug: ConceptAttentionPipeline ran a dev model with guidance 0.0 and 4 steps, FluxPipeline with 3.5 and its own."""
+    """Bug: ConceptAttentionPipeline ran a dev model with guidance 0.0 and 4 steps, FluxPipeline with 3.5 and
+    the folder's steps."""
     concept_pipe = ConceptAttentionPipeline.from_folder(dev_folder)
     flux = concept_pipe.flux
     out = concept_pipe.generate_image("a cat", CONCEPTS, progress=False)
@@ -102,7 +103,8 @@ def test_a_list_of_prompts_is_a_batch_equal_to_a_loop(pipe):
     """Bug: a list reached the tokenizer as one sentence pair (one image for two prompts)."""
     flux = pipe.flux
     batch = flux(["a cat", "a red car"], width=32, height=32, num_steps=2, seed=5, progress=False)
-    loop = [flux(p, width=32, height=32, num_steps=2, seed=s, progress=False) for p, s in (("a cat", 5), ("a red car", 6))]
+    loop = [flux(p, width=32, height=32, num_steps=2, seed=s, progress=False)
+            for p, s in [("a cat", 5), ("a red car", 6)]]
     assert len(batch) == 2
     for a, b in zip(batch, loop):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1  # batched float32 matmuls may round differently
@@ -302,7 +304,8 @@ def test_flux_mini_output_path_is_checked_first(tmp_path, capsys, out, message):
 
 def test_concept_attention_output_folder_is_checked_first(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
-    for out, message in ((tmp_path / "file.txt", "is a file"), (tmp_path / "file.txt" / "sub", "is a file, not a folder")):
+    for out, message in [(tmp_path / "file.txt", "is a file"),
+                         (tmp_path / "file.txt" / "sub", "is a file, not a folder")]:
         argv = ["generate", "--weights", str(tmp_path / "no-such-model"), "--prompt", "x", "--concepts", "a", "b",
                 "--out", str(out)]
         assert concept_main(argv) == 2
