@@ -371,6 +371,12 @@ def test_both_clis_share_flags_and_show_defaults(capsys):
         assert "(default: auto)" in text and "(default: from the model" in text
     assert "--steps" in helps["flux"] and "--steps" in helps["gen"] and "--num-samples" in helps["enc"]
     assert "resize the image" in helps["enc"]  # encode --width is the resize, not a generation size
+    from concept_attention.cli import build_parser
+
+    old = build_parser().parse_args(["encode", "--image", "i.png", "--concepts", "a", "--out", "o", "--samples", "3",
+                                     "--no-progress"])
+    assert old.num_samples == 3 and old.quiet  # the old spellings still work (hidden from --help)
+    assert "--samples" not in helps["enc"].replace("--num-samples", "")
     with pytest.raises(SystemExit) as exit_:
         flux_main(["generate", "--weights", "w", "--prompt", "a", "--out", "x.png", "--steps", "0"])
     assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
@@ -410,3 +416,30 @@ def test_random_fallback_model_is_labelled_and_cleaned_up(tmp_path, capsys):
     assert not demo.weights.exists()
     said = capsys.readouterr().out
     assert "RANDOM model" in said and "weights/demo/" in said and "removed afterwards" in said
+
+
+def test_concept_figure_has_one_colour_bar_on_the_shared_range_and_an_overlay():
+    import matplotlib.pyplot as plt
+
+    from concept_attention.pictures import concept_grid
+
+    image = Image.new("RGB", (16, 16), (0, 120, 0))
+    maps = torch.stack([torch.zeros(4, 4), torch.full((4, 4), 0.25), torch.linspace(0, 0.8, 16).reshape(4, 4)])
+    figure = concept_grid(image, maps, ["a", "b", "c"])
+    *panels, bar = figure.axes
+    assert len(panels) == 4 and bar.get_ylim() == pytest.approx((0.0, 0.8))  # the range of all maps together
+    plain = panels[1].images[0].get_array()
+    overlaid = concept_grid(image, maps, ["a", "b", "c"], overlay_alpha=0.5).axes[1].images[0].get_array()
+    assert np.asarray(overlaid)[0, 0, 1] > np.asarray(plain)[0, 0, 1]  # the green image shows through
+    plt.close("all")
+
+
+def test_quiet_restores_the_libraries_logging_state():
+    from transformers.utils import logging as hf_logging
+
+    from flux_mini.pipeline import quiet_transformers
+
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_transformers(logging=True):
+        assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
