@@ -39,6 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flux_mini.layers import (
+    CONCEPT_SITES,
     NO_SITES,
     ConceptLayer,
     ConceptStream,
@@ -185,7 +186,7 @@ class Block(nn.Module):
     A mode block runs it on one mode's tokens with that mode's (B, 1, D) modulation; a joint block on
     [txt ; img ; cond] with the per-token modulation. The weights are the same kind either way."""
 
-    SITES = ("q", "k", "v", "attn", "mlp", "x", "concept_q", "concept_k", "concept_attn", "concepts")
+    SITES = ("q", "k", "v", "attn", "mlp", "x") + CONCEPT_SITES
 
     def __init__(self, config: Flux3Config):
         super().__init__()
