@@ -53,6 +53,7 @@ from flux_mini.layers import (
     concept_attention,
     concept_layer,
     few_token_linear,
+    layer_norm,
     merge_heads,
     timestep_embedding,
     upcast,
@@ -270,7 +271,7 @@ class LastLayer(nn.Module):
 
     def forward(self, img: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(torch.addcmul(shift, 1 + scale, F.layer_norm(img, (img.shape[-1],), eps=1e-6)))
+        return self.linear(torch.addcmul(shift, 1 + scale, layer_norm(img)))
 
 
 # ----------------------------------------------------------------------------------------------
