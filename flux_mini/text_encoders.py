@@ -228,7 +228,7 @@ class Qwen3Embedder(StackedLayersEmbedder):
         _require(folder, WEIGHT_FILES, "Qwen3 text encoder weights")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
         if tokenizer.chat_template is None:
-            raise ValueError(f"Qwen3 tokenizer in {tokenizer_folder} has no chat template; use the Qwen3 tokenizer files")
+            raise ValueError(f"Qwen3 tokenizer in {tokenizer_folder} has no chat template; use the Qwen3 tokenizer")
         model = load_pretrained_strictly(AutoModelForCausalLM, folder, dtype, "Qwen3 text encoder").to(device)
         super().__init__(tokenizer, model, model.model, hidden_layers, max_length, folder)
 
