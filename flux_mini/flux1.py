@@ -36,6 +36,7 @@ from flux_mini.layers import (
     concept_attention,
     concept_layer,
     few_token_linear,
+    few_token_mlp,
     layer_norm,
     merge_heads,
     split_heads,
@@ -92,6 +93,11 @@ class FluxConfig:
     def num_layers(self) -> int:
         """Double plus single blocks: the layer numbering used for concept maps."""
         return self.depth + self.depth_single_blocks
+
+    @property
+    def concept_layers(self) -> tuple[int, ...]:
+        """Layers whose concept maps are averaged when none are named: the double blocks (the paper's)."""
+        return tuple(range(self.depth))
 
     @classmethod
     def from_preset(cls, name: str) -> FluxConfig:
@@ -173,11 +179,6 @@ class SelfAttention(nn.Module):
 def mlp(dim: int, hidden: int) -> nn.Sequential:
     """Linear -> GELU(tanh) -> Linear; indices 0 and 2 are the official keys."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-
-
-def few_token_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
-    """The MLP for the concept stream's few tokens (see `few_token_linear`)."""
-    return few_token_linear(mlp[2], mlp[1](few_token_linear(mlp[0], x)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,14 +150,16 @@ class ConceptStream:
     """Concept tokens travelling beside the text stream through the text-stream weights of each block.
 
     They attend to image tokens (and to each other) but no other token attends to them, so the image
-    and text outputs are exactly those of the plain forward. Concept ids are zero (like text ids), so
-    RoPE leaves their queries and keys unrotated and is skipped for them."""
+    and text outputs are exactly those of the plain forward. In Flux.1 concept ids are zero (like text
+    ids), so RoPE leaves their queries and keys unrotated and is skipped for them (`pe` None); FLUX.2
+    gives concepts position ids, whose rotations ride in `pe`."""
 
     tokens: Tensor  # (B, r, D) the concept residual stream
-    vec: Tensor  # (B, D) its modulation vector: time [+ guidance] + vector_in(concept pooled input)
+    vec: Tensor  # (B, D) its modulation vector: time [+ guidance] [+ vector_in(concept pooled input)]
     attention: str = "both"  # keys/values of the concept queries: "both", "cross" (image only), "self", "none"
     cross_attention: bool = False  # also return the raw cross-attention baseline q_img . k_concept
     values: bool = False  # also return the value vectors (value-space ablation)
+    pe: Tensor | None = None  # (B, 1, r, Dh/2) RoPE rotations of the concept tokens; None: unrotated
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
@@ -206,6 +208,11 @@ def few_token_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     else:
         out = torch.addmm(layer.bias[:, None], layer.weight, columns)
     return rearrange(out, "o (b r) -> b r o", b=x.shape[0])
+
+
+def few_token_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """An MLP Linear -> activation -> Linear (official indices 0, 1, 2) for the concept stream's few tokens."""
+    return few_token_linear(mlp[2], mlp[1](few_token_linear(mlp[0], x)))
 
 
 def concept_layer(

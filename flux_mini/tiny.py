@@ -13,6 +13,7 @@ from torch import nn
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
+from flux_mini.flux2 import Flux2Config
 
 
 def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
@@ -33,6 +34,23 @@ def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
         guidance_embed=guidance_embed,
     )
     return FluxConfig(**{**fields, **overrides})
+
+
+def tiny_flux2_config(use_guidance_embed: bool = False, **overrides) -> Flux2Config:
+    """A FLUX.2 with the official structure at toy width (head dim 16, 4 RoPE axes, theta 2000)."""
+    fields = dict(
+        in_channels=16,
+        context_in_dim=48,
+        hidden_size=64,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 4, 4, 4),
+        theta=2000,
+        mlp_ratio=3.0,
+        use_guidance_embed=use_guidance_embed,
+    )
+    return Flux2Config(**{**fields, **overrides})
 
 
 @torch.no_grad()
