@@ -13,7 +13,7 @@ from torch import nn
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
-from flux_mini.flux2 import Flux2Config
+from flux_mini.flux2 import Flux2, Flux2Config
 
 
 def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
@@ -345,4 +345,53 @@ def build_tiny_mistral3(folder: str | Path, seed: int = 0, hidden_size: int = 16
         spatial_merge_size=2,
     )
     randomize_(Mistral3ForConditionalGeneration(config), seed, std=0.3).save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# A complete tiny FLUX.2 folder
+
+
+def tiny_flux2_autoencoder_config():
+    """A 2-level FLUX.2 AE with 4 latent channels: 4 pixels per token, so 64x64 images have 256 tokens."""
+    from flux_mini.autoencoder_flux2 import Flux2AutoEncoderConfig
+
+    return Flux2AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+
+
+def build_tiny_flux2_weights(folder: str | Path, seed: int = 0, variant: str = "klein") -> Path:
+    """Write a random tiny FLUX.2 model in the official repo layout and return the folder:
+
+        flux-2-klein-tiny.safetensors   (klein-base: flux-2-klein-base-tiny, dev: flux2-dev-tiny) BFL keys,
+                                        the Flux2Config in the safetensors metadata
+        ae.safetensors                  a tiny FLUX.2 AE with random BN statistics
+        text_encoder/                   a tiny Qwen3 (klein) or Mistral3 (dev) with its tokenizer
+        sampling.json                   64x64 images and short prompts
+
+    Deterministic for a seed; no downloads."""
+    from flux_mini.autoencoder_flux2 import Flux2AutoEncoder
+
+    names = {"klein": "flux-2-klein-tiny", "klein-base": "flux-2-klein-base-tiny", "dev": "flux2-dev-tiny"}
+    if variant not in names:
+        raise ValueError(f"variant must be one of {sorted(names)}, got {variant!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dev = variant == "dev"
+    text_width = 16
+    if dev:
+        build_tiny_mistral3(folder / "text_encoder", seed=seed + 1, hidden_size=text_width)
+    else:
+        build_tiny_qwen3(folder / "text_encoder", seed=seed + 1, hidden_size=text_width)
+
+    autoencoder = randomize_(Flux2AutoEncoder(tiny_flux2_autoencoder_config()), seed + 3, std=0.05)
+    generator = torch.Generator().manual_seed(seed + 4)
+    with torch.no_grad():
+        autoencoder.bn.running_mean.copy_(0.3 * torch.randn(autoencoder.latent_channels, generator=generator))
+        autoencoder.bn.running_var.copy_(0.5 + torch.rand(autoencoder.latent_channels, generator=generator))
+    save_file(autoencoder.state_dict(), folder / "ae.safetensors")
+
+    config = tiny_flux2_config(dev, in_channels=autoencoder.latent_channels, context_in_dim=3 * text_width)
+    save_flux(randomize_(Flux2(config), seed), folder / f"{names[variant]}.safetensors")
+    sampling = {"max_length": 64 if dev else 32, "width": 64, "height": 64}  # dev: room for the system turn
+    (folder / "sampling.json").write_text(json.dumps(sampling) + "\n")
     return folder
