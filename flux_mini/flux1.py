@@ -38,6 +38,7 @@ from flux_mini.layers import (
     few_token_linear,
     few_token_mlp,
     layer_norm,
+    linear_weight,
     merge_heads,
     split_heads,
     timestep_embedding,
@@ -45,6 +46,10 @@ from flux_mini.layers import (
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
+
+
+def _is_positive(value, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,12 @@ class FluxConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        sizes = ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads")
+        bad = [f"{name} {getattr(self, name)!r}" for name in sizes if not _is_positive(getattr(self, name), int)]
+        bad += [f"{name} {getattr(self, name)!r}" for name in ("mlp_ratio", "theta")
+                if not _is_positive(getattr(self, name))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive (sizes and head counts integers)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
@@ -287,8 +298,8 @@ class SingleStreamBlock(nn.Module):
     def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
         """linear2 of [attn ; mlp_act], as the sum of two products over the weight's column blocks:
         the same map without building the (T + L) x (D + M) concatenation."""
-        weight, dim = self.linear2.weight, self.hidden_size
-        return F.linear(attn, weight[:, :dim], self.linear2.bias) + F.linear(mlp_act, weight[:, dim:])
+        weight, dim = linear_weight(self.linear2).to(attn.dtype), self.hidden_size
+        return F.linear(attn, weight[:, :dim], self.linear2.bias.to(attn.dtype)) + F.linear(mlp_act, weight[:, dim:])
 
     def concept_forward(
         self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor, sites: Sites

@@ -47,9 +47,11 @@ from flux_mini.layers import (
     few_token_linear,
     few_token_mlp,
     layer_norm,
+    linear_weight,
     merge_heads,
     split_heads,
     timestep_embedding,
+    upcast,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +338,7 @@ class SingleStreamBlock(nn.Module):
     def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
         """linear2 of [attn ; mlp_act] as the sum of two products over the weight's column blocks,
         without building the (T + L) x (D + M) concatenation."""
-        weight, dim = self.linear2.weight, self.hidden_size
+        weight, dim = linear_weight(self.linear2).to(attn.dtype), self.hidden_size
         return F.linear(attn, weight[:, :dim]) + F.linear(mlp_act, weight[:, dim:])
 
     def concept_forward(
@@ -412,6 +414,11 @@ class Flux2(nn.Module):
         single = sites("single_stream_modulation", self.single_stream_modulation(vec))
         return SharedModulation(modulation_sets(img, 2), modulation_sets(txt, 2), *modulation_sets(single, 1))
 
+    def rope(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """Rotations for ids (B, N, 4) of any dtype (the reference uses int64): complex64, or complex128
+        when the model runs in float64."""
+        return self.pe_embedder(ids.to(upcast(dtype)))
+
     def concept_stream(
         self,
         concept_txt: Tensor,
@@ -434,7 +441,7 @@ class Flux2(nn.Module):
             attention=attention,
             cross_attention=cross_attention,
             values=values,
-            pe=self.pe_embedder(concept_ids),
+            pe=self.rope(concept_ids, concept_txt.dtype),
         )
 
     def layers(
@@ -461,7 +468,7 @@ class Flux2(nn.Module):
         vec = sites("vec", self.conditioning(timesteps, guidance))
         mod = self.modulations(vec, sites)
         concept_mod = self.modulations(concepts.vec) if concepts is not None else None
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        pe = self.rope(torch.cat((txt_ids, img_ids), dim=1), img.dtype)
         img, txt = sites("img_in", self.img_in(img)), sites("txt_in", self.txt_in(txt))
         for index, block in enumerate(self.double_blocks):
             img, txt, concept = block(img, txt, pe, mod, concepts, concept_mod, sites.scoped(f"double_blocks.{index}"))

@@ -30,7 +30,7 @@ from torch import Tensor
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux2 import Flux2
 from flux_mini.loading import load_flux
-from flux_mini.pipeline import FluxPipeline, _optional, _read_json
+from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, prompt_list
 from flux_mini.sampling import (
     denoise_flux2,
     flux2_image_ids,
@@ -247,13 +247,16 @@ class Flux2Pipeline:
     @torch.inference_mode()
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> txt (B, T, context_in_dim) and txt_ids (B, T, 4), in the pipeline dtype on the device."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         with self.on_device(self.text_encoder):
             txt = self.text_encoder(prompts).to(self.device, self.dtype)
         return txt, flux2_text_ids(len(prompts), txt.shape[1], self.device)
 
-    def prepare_latents(self, num_samples: int, height: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
-        """Seeded noise tokens img (B, L, 128) in the pipeline dtype and img_ids (B, L, 4), on the device."""
+    def prepare_latents(
+        self, num_samples: int, height: int, width: int, seed: int | torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Seeded noise tokens img (B, L, 128) in the pipeline dtype and img_ids (B, L, 4), on the device.
+        An integer seed gives sample i the noise of seed + i; a torch.Generator draws on its own device."""
         self.check_size(height, width)
         noise = get_flux2_noise(
             num_samples,
@@ -313,18 +316,20 @@ class Flux2Pipeline:
         height: int | None = None,
         num_steps: int | None = None,
         guidance: float | None = None,
-        seed: int = 0,
+        seed: int | torch.Generator = 0,
         progress: bool = True,
     ) -> Image.Image | list[Image.Image]:
-        """Generate one image per prompt (a PIL image for a string, a list for a list). Sizes must be
-        multiples of 16; steps, guidance and size default to the variant's (and sampling.json's)."""
-        width, height = width or self.defaults.width, height or self.defaults.height
+        """Generate one image per prompt (a PIL image for a string, a list for a list; prompt i uses seed + i,
+        so a list gives the images of a loop). Sizes must be multiples of 16; steps, guidance and size
+        default to the variant's (and sampling.json's)."""
+        width = self.defaults.width if width is None else width
+        height = self.defaults.height if height is None else height
         self.check_size(height, width)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = prompt_list(prompt)
         txt, txt_ids = self.encode_prompt(prompts)
         negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
         img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
         timesteps = self.timesteps(num_steps or self.defaults.num_steps, img.shape[1])
         tokens = self.denoise(img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress)
-        images = self.to_pil(self.decode_tokens(tokens, height, width))
+        images = self.to_pil(check_finite(self.decode_tokens(check_finite(tokens, "latents"), height, width), "images"))
         return images[0] if isinstance(prompt, str) else images

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
 from einops import rearrange
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+from torch import Tensor, nn
+
+from flux_mini.checkpoint import read_header
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -37,6 +38,87 @@ def _require(folder: Path, alternatives: tuple[str, ...], what: str) -> None:
             f"{what}: none of {', '.join(alternatives)} found in {folder}; put the {what} files there "
             f"(e.g. from the FLUX.1-schnell repo on Hugging Face)"
         )
+
+
+class TextEncoderError(ValueError):
+    """A text-encoder folder that transformers cannot read exactly; the message names the folder and the fix."""
+
+
+# config.json model_type of each encoder, and how to tell the user which folder they gave instead
+MODEL_TYPES = {"T5": ("t5",), "CLIP": ("clip_text_model", "clip"), "Qwen3": ("qwen3",), "Mistral": ("mistral3",)}
+
+
+def _read_json_object(path: Path, fix: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TextEncoderError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise TextEncoderError(f"{path} is not a JSON object (it holds a {type(value).__name__}); {fix}")
+    return value
+
+
+def _check_folder(kind: str, folder: Path, tokenizer_folder: Path) -> None:
+    """Read what transformers would choke on with its own tracebacks: the JSON files, the encoder kind
+    (swapped t5/ and clip/ folders) and the weights' safetensors headers (truncated downloads)."""
+    fetch = "fetch the folder's files again"
+    config = _read_json_object(folder / "config.json", fetch)
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES[kind]:
+        other = next((name for name, types in MODEL_TYPES.items() if model_type in types), None)
+        swapped = ": are the t5/ and clip/ folders swapped?" if {kind, other} == {"T5", "CLIP"} else ""
+        hint = f"it holds a {other} text encoder{swapped}" if other else fetch
+        raise TextEncoderError(
+            f"{folder / 'config.json'} has model_type {model_type!r}, but the {kind} encoder needs "
+            f"{' or '.join(map(repr, MODEL_TYPES[kind]))}; {hint}"
+        )
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (tokenizer_folder / name).exists():
+            _read_json_object(tokenizer_folder / name, "fetch it again, or delete it to use the other tokenizer files")
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if (folder / name).exists():
+            read_header(folder / name)  # CheckpointError naming the file for a truncated or corrupt one
+            break
+
+
+def _load_exactly(model_class, folder: Path, kind: str, dtype: torch.dtype):
+    """from_pretrained, refusing any missing, unexpected or mis-shaped weight (transformers would
+    initialise a missing one at random and only warn)."""
+    try:
+        model, info = model_class.from_pretrained(folder, local_files_only=True, dtype=dtype, output_loading_info=True)
+    except Exception as e:  # transformers raises many kinds; the user needs the folder and the fix
+        raise TextEncoderError(
+            f"{kind} text encoder in {folder} could not be loaded ({type(e).__name__}: {_first_line(e)}); "
+            "fetch the folder's files again"
+        ) from None
+    problems = {name: sorted(info.get(name) or ()) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {name: keys for name, keys in problems.items() if keys}
+    if problems or info.get("error_msgs"):
+        listing = "; ".join(
+            f"{name.replace('_', ' ')} ({len(keys)}): {', '.join(map(str, keys[:5]))}{', ...' if len(keys) > 5 else ''}"
+            for name, keys in problems.items()
+        )
+        raise TextEncoderError(
+            f"the weights in {folder} do not fit {model_class.__name__} exactly ({listing or info['error_msgs']}); "
+            "transformers would fill the gaps with random values. Fetch the encoder's files again, or use a "
+            "transformers version that reads this layout (see pyproject.toml)"
+        )
+    return model
+
+
+def _load_tokenizer(tokenizer_class, folder: Path, kind: str):
+    try:
+        return tokenizer_class.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # tokenizers raises bare Exceptions for malformed files
+        raise TextEncoderError(
+            f"{kind} tokenizer in {folder} could not be loaded ({type(e).__name__}: {_first_line(e)}); "
+            "fetch the tokenizer files again"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else "no message"
 
 
 class TextEmbedder(nn.Module):
@@ -82,8 +164,11 @@ class T5Embedder(TextEmbedder):
         _require(tokenizer_folder, ("spiece.model", "tokenizer.json"), "T5 tokenizer")
         _require(folder, ("config.json",), "T5 encoder config")
         _require(folder, WEIGHT_FILES, "T5 encoder weights")
-        tokenizer = T5Tokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-        model = T5EncoderModel.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device)
+        from transformers import T5EncoderModel, T5Tokenizer  # seconds to import: only when a model is loaded
+
+        _check_folder("T5", folder, tokenizer_folder)
+        tokenizer = _load_tokenizer(T5Tokenizer, tokenizer_folder, "T5")
+        model = _load_exactly(T5EncoderModel, folder, "T5", dtype).to(device)
         super().__init__(tokenizer, model, max_length)
 
     @torch.no_grad()
@@ -110,8 +195,11 @@ class CLIPEmbedder(TextEmbedder):
             _require(tokenizer_folder, ("merges.txt",), "CLIP tokenizer")
         _require(folder, ("config.json",), "CLIP text encoder config")
         _require(folder, WEIGHT_FILES, "CLIP text encoder weights")
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-        model = CLIPTextModel.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device)
+        from transformers import CLIPTextModel, CLIPTokenizer  # seconds to import: only when a model is loaded
+
+        _check_folder("CLIP", folder, tokenizer_folder)
+        tokenizer = _load_tokenizer(CLIPTokenizer, tokenizer_folder, "CLIP")
+        model = _load_exactly(CLIPTextModel, folder, "CLIP", dtype).to(device)
         super().__init__(tokenizer, model, max_length)
 
     @torch.no_grad()
@@ -130,21 +218,6 @@ FLUX2_SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
     "relationships, object\nattribution and actions without speculation."
 )
-
-
-def load_pretrained_strictly(model_class, folder: Path, dtype: torch.dtype, what: str):
-    """`model_class.from_pretrained(folder)`, local files only, refusing any missing or unexpected weight
-    (transformers would otherwise initialise a missing one at random and only log it)."""
-    model, info = model_class.from_pretrained(folder, local_files_only=True, dtype=dtype, output_loading_info=True)
-    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {kind: [str(k) for k in keys] for kind, keys in problems.items() if keys}
-    if problems:
-        listing = "; ".join(f"{kind.replace('_', ' ')} ({len(k)}): {', '.join(k[:5])}" for kind, k in problems.items())
-        raise ValueError(
-            f"{what}: the weights in {folder} do not fit {model_class.__name__} ({listing}); the folder holds a "
-            "different or incomplete model"
-        )
-    return model
 
 
 class StackedLayersEmbedder(nn.Module):
@@ -226,10 +299,11 @@ class Qwen3Embedder(StackedLayersEmbedder):
         _require_tokenizer(tokenizer_folder, "Qwen3 tokenizer")
         _require(folder, ("config.json",), "Qwen3 text encoder config")
         _require(folder, WEIGHT_FILES, "Qwen3 text encoder weights")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+        _check_folder("Qwen3", folder, tokenizer_folder)
+        tokenizer = _load_tokenizer(AutoTokenizer, tokenizer_folder, "Qwen3")
         if tokenizer.chat_template is None:
-            raise ValueError(f"Qwen3 tokenizer in {tokenizer_folder} has no chat template; use the Qwen3 tokenizer")
-        model = load_pretrained_strictly(AutoModelForCausalLM, folder, dtype, "Qwen3 text encoder").to(device)
+            raise TextEncoderError(f"Qwen3 tokenizer in {tokenizer_folder} has no chat template; use Qwen3's files")
+        model = _load_exactly(AutoModelForCausalLM, folder, "Qwen3", dtype).to(device)
         super().__init__(tokenizer, model, model.model, hidden_layers, max_length, folder)
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -257,8 +331,8 @@ def _chat_template(tokenizer, folder: Path, what: str) -> str:
         try:
             return json.loads((folder / "chat_template.json").read_text())["chat_template"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{what}: {folder / 'chat_template.json'} has no 'chat_template' entry") from None
-    raise ValueError(f"{what}: no chat template in {folder} (tokenizer_config.json, chat_template.jinja or .json)")
+            raise TextEncoderError(f"{what}: {folder / 'chat_template.json'} has no 'chat_template' entry") from None
+    raise TextEncoderError(f"{what}: no chat template in {folder} (tokenizer_config.json, chat_template.jinja/.json)")
 
 
 class MistralEmbedder(StackedLayersEmbedder):
@@ -289,9 +363,10 @@ class MistralEmbedder(StackedLayersEmbedder):
         _require_tokenizer(tokenizer_folder, "Mistral tokenizer")
         _require(folder, ("config.json",), "Mistral text encoder config")
         _require(folder, WEIGHT_FILES, "Mistral text encoder weights")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+        _check_folder("Mistral", folder, tokenizer_folder)
+        tokenizer = _load_tokenizer(AutoTokenizer, tokenizer_folder, "Mistral")
         chat_template = _chat_template(tokenizer, tokenizer_folder, "Mistral tokenizer")
-        model = load_pretrained_strictly(AutoModelForImageTextToText, folder, dtype, "Mistral text encoder")
+        model = _load_exactly(AutoModelForImageTextToText, folder, "Mistral", dtype)
         super().__init__(tokenizer, model.to(device), model.model.language_model, hidden_layers, max_length, folder)
         self.chat_template = chat_template
         self.system_message = system_message

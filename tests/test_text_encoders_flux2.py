@@ -115,16 +115,19 @@ def break_weights(src, dst, drop: str | None = None, add: str | None = None):
 
 def test_strict_loading_names_the_folder_and_the_weights(qwen_folder, mistral_folder, tmp_path):
     missing = break_weights(qwen_folder, tmp_path / "q", drop="model.layers.3.mlp.up_proj.weight")
-    with pytest.raises(ValueError, match=r"Qwen3 text encoder: the weights in .*q do not fit.*missing keys \(1\): "
-                                         r"model\.layers\.3\.mlp\.up_proj\.weight"):
+    with pytest.raises(ValueError, match=r"the weights in .*q do not fit AutoModelForCausalLM exactly \(missing keys "
+                                         r"\(1\): model\.layers\.3\.mlp\.up_proj\.weight"):
         Qwen3Embedder(missing, dtype=torch.float32)
     extra = break_weights(mistral_folder, tmp_path / "m", add="model.extra.weight")
-    with pytest.raises(ValueError, match=r"Mistral text encoder: the weights in .*m do not fit.*unexpected keys"):
+    with pytest.raises(ValueError, match=r"the weights in .*m do not fit AutoModelForImageTextToText exactly "
+                                         r"\(unexpected keys"):
         MistralEmbedder(extra, dtype=torch.float32)
 
 
-def test_bad_layers_and_missing_files(qwen_folder, tmp_path):
+def test_bad_layers_and_missing_files(qwen_folder, mistral_folder, tmp_path):
     with pytest.raises(ValueError, match=r"hidden_layers \[9, 18, 30\] must be decoder layers 1..29"):
         Qwen3Embedder(qwen_folder, hidden_layers=(9, 18, 30), dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match="Qwen3 tokenizer: folder .* does not exist"):
         Qwen3Embedder(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="model_type 'mistral3', but the Qwen3 encoder needs 'qwen3'"):
+        Qwen3Embedder(mistral_folder)
