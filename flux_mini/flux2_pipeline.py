@@ -19,6 +19,7 @@ name ("base" in it), else klein.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -274,6 +275,25 @@ class Flux2Pipeline:
     def timesteps(self, num_steps: int, image_seq_len: int) -> list[float]:
         return get_flux2_schedule(num_steps, image_seq_len)
 
+    def settings(
+        self, width: int | None, height: int | None, num_steps: int | None, guidance: float | None
+    ) -> tuple[int, int, int, float | None]:
+        """Fill unset settings from the folder's defaults and check them: (width, height, num_steps, guidance);
+        guidance is the embedded guidance of [dev], the CFG scale of Base, None for step-distilled klein."""
+        width = self.defaults.width if width is None else width
+        height = self.defaults.height if height is None else height
+        self.check_size(height, width)
+        num_steps = self.defaults.num_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1 (None for the default {self.defaults.num_steps}), "
+                             f"got {num_steps!r}")
+        if not (self.model.config.use_guidance_embed or self.defaults.cfg):
+            return width, height, num_steps, None
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        return width, height, num_steps, guidance
+
     def denoise(
         self,
         img: Tensor,
@@ -285,17 +305,15 @@ class Flux2Pipeline:
         negative_txt: Tensor | None = None,
         progress: bool = True,
     ) -> Tensor:
-        """The Euler loop: embedded guidance for [dev], CFG with `negative_txt` for Base, neither for klein."""
+        """The Euler loop: `guidance` is embedded for [dev], the CFG scale with `negative_txt` for Base, and
+        unused by step-distilled klein (see `settings`)."""
         guidance = self.defaults.guidance if guidance is None else guidance
         embedded = guidance if self.model.config.use_guidance_embed else None
-        cfg_scale = guidance if self.defaults.cfg else None
         if self.defaults.cfg and negative_txt is None:
             raise ValueError(f"the {self.variant} variant uses classifier-free guidance: pass negative_txt")
+        cfg = (negative_txt, guidance) if self.defaults.cfg else (None, None)
         with self.on_device(self.model):
-            return denoise_flux2(
-                self.model, img, img_ids, txt, txt_ids, timesteps, embedded,
-                negative_txt if self.defaults.cfg else None, cfg_scale, progress,
-            )
+            return denoise_flux2(self.model, img, img_ids, txt, txt_ids, timesteps, embedded, *cfg, progress)
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
@@ -322,14 +340,12 @@ class Flux2Pipeline:
         """Generate one image per prompt (a PIL image for a string, a list for a list; prompt i uses seed + i,
         so a list gives the images of a loop). Sizes must be multiples of 16; steps, guidance and size
         default to the variant's (and sampling.json's)."""
-        width = self.defaults.width if width is None else width
-        height = self.defaults.height if height is None else height
-        self.check_size(height, width)
+        width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
         prompts = prompt_list(prompt)
         txt, txt_ids = self.encode_prompt(prompts)
         negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
         img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
-        timesteps = self.timesteps(num_steps or self.defaults.num_steps, img.shape[1])
+        timesteps = self.timesteps(num_steps, img.shape[1])
         tokens = self.denoise(img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress)
         images = self.to_pil(check_finite(self.decode_tokens(check_finite(tokens, "latents"), height, width), "images"))
         return images[0] if isinstance(prompt, str) else images

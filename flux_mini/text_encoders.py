@@ -252,8 +252,40 @@ class StackedLayersEmbedder(nn.Module):
         """The transformer's context_in_dim: 3 x the LLM width."""
         return len(self.hidden_layers) * self.hidden_size
 
-    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def render(self, prompts: list[str]) -> list[str]:
+        """Each prompt in the model's chat template (text, not yet tokenised)."""
         raise NotImplementedError
+
+    def _tokenize_texts(self, texts: list[str], offsets: bool = False):
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(
+            texts,
+            add_special_tokens=not (bos and texts[0].startswith(bos)),  # a template that writes BOS itself
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=offsets,
+            return_tensors="pt",
+        )
+
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> (input_ids, attention_mask), both (B, max_length)."""
+        batch = self._tokenize_texts(self.render(prompts))
+        return batch["input_ids"], batch["attention_mask"]
+
+    def prompt_tokens(self, prompts: list[str]) -> Tensor:
+        """(B, max_length) bool: the positions holding each prompt's own text (not the template around it,
+        not padding), found through the tokenizer's character offsets."""
+        prefix, _, suffix = self.render(["\x00"])[0].partition("\x00")
+        texts = self.render(prompts)
+        for prompt, text in zip(prompts, texts):
+            if not (text.startswith(prefix) and text.endswith(suffix)):
+                raise ValueError(f"the chat template does not place {prompt!r} verbatim; cannot locate its tokens")
+        batch = self._tokenize_texts(texts, offsets=True)
+        start, end = batch["offset_mapping"].unbind(-1)  # (B, T) character spans
+        lengths = torch.tensor([len(text) - len(prefix) - len(suffix) for text in texts])[:, None]
+        inside = (end > start) & (end > len(prefix)) & (start < len(prefix) + lengths)
+        return inside & batch["attention_mask"].bool()
 
     @torch.no_grad()
     def forward(self, prompts: str | list[str]) -> Tensor:
@@ -279,7 +311,7 @@ class Qwen3Embedder(StackedLayersEmbedder):
     """FLUX.2 [klein]: Qwen3-4B (hidden 2560) or Qwen3-8B (4096), layers 9, 18, 27 -> 7680 / 12288 features.
 
     Each prompt is one user message in the tokenizer's chat template with the generation prompt and
-    thinking disabled (an empty think block), then tokenised alone, padded (right) to max_length."""
+    thinking disabled (an empty think block), then tokenised and padded (right) to max_length."""
 
     HIDDEN_LAYERS = (9, 18, 27)
 
@@ -306,19 +338,13 @@ class Qwen3Embedder(StackedLayersEmbedder):
         model = _load_exactly(AutoModelForCausalLM, folder, "Qwen3", dtype).to(device)
         super().__init__(tokenizer, model, model.model, hidden_layers, max_length, folder)
 
-    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        ids, masks = [], []
-        for prompt in prompts:
-            messages = [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    def render(self, prompts: list[str]) -> list[str]:
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
             )
-            batch = self.tokenizer(
-                text, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            ids.append(batch["input_ids"])
-            masks.append(batch["attention_mask"])
-        return torch.cat(ids), torch.cat(masks)
+            for prompt in prompts
+        ]
 
 
 def _chat_template(tokenizer, folder: Path, what: str) -> str:
@@ -371,7 +397,7 @@ class MistralEmbedder(StackedLayersEmbedder):
         self.chat_template = chat_template
         self.system_message = system_message
 
-    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def render(self, prompts: list[str]) -> list[str]:
         conversations = [
             [
                 {"role": "system", "content": [{"type": "text", "text": self.system_message}]},
@@ -379,14 +405,4 @@ class MistralEmbedder(StackedLayersEmbedder):
             ]
             for prompt in prompts
         ]
-        texts = self.tokenizer.apply_chat_template(conversations, chat_template=self.chat_template, tokenize=False)
-        bos = self.tokenizer.bos_token
-        batch = self.tokenizer(
-            texts,
-            add_special_tokens=not (bos and texts[0].startswith(bos)),  # the template already wrote it
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return batch["input_ids"], batch["attention_mask"]
+        return self.tokenizer.apply_chat_template(conversations, chat_template=self.chat_template, tokenize=False)

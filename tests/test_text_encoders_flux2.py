@@ -131,3 +131,12 @@ def test_bad_layers_and_missing_files(qwen_folder, mistral_folder, tmp_path):
         Qwen3Embedder(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="model_type 'mistral3', but the Qwen3 encoder needs 'qwen3'"):
         Qwen3Embedder(mistral_folder)
+
+
+def test_prompt_tokens_locate_the_prompt_in_both_templates(qwen, mistral):
+    for encoder in (qwen, mistral):
+        ids, mask = encoder.tokenize(["a red cat", "sky"])
+        own = encoder.prompt_tokens(["a red cat", "sky"])
+        words = [encoder.tokenizer.convert_ids_to_tokens(row[flags]) for row, flags in zip(ids, own)]
+        assert words == [["a", "red", "cat"], ["sky"]], type(encoder).__name__
+        assert not (own & ~mask.bool()).any()
