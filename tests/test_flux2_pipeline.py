@@ -146,3 +146,25 @@ def test_cli_generate_detects_flux2(klein, tmp_path, capsys):
     assert "klein" in capsys.readouterr().out
     expected = Flux2Pipeline.from_folder(klein)(PROMPT, seed=5, progress=False)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_dev_variant_embeds_guidance_against_a_hand_loop(tmp_path):
+    """[dev]: Mistral text encoder, guidance 4 through guidance_in; recomputed here step by step."""
+    from flux_mini.sampling import flux2_image_ids, flux2_text_ids, get_flux2_schedule
+    from flux_mini.tiny import build_tiny_flux2_weights
+
+    pipe = Flux2Pipeline.from_folder(build_tiny_flux2_weights(tmp_path / "dev", seed=1, variant="dev"))
+    assert pipe.variant == "dev" and pipe.defaults.guidance == 4.0 and pipe.text_encoder.max_length == 64
+    image = pipe(PROMPT, seed=2, num_steps=3, progress=False)
+    txt = pipe.text_encoder([PROMPT])
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2)).flatten(2).transpose(1, 2)
+    schedule = get_flux2_schedule(3, 256)
+    with torch.no_grad():
+        for t0, t1 in zip(schedule[:-1], schedule[1:]):
+            v = pipe.model(x, flux2_image_ids(1, 16, 16), txt, flux2_text_ids(1, 64), torch.tensor([t0]),
+                           torch.tensor([4.0]))
+            x = x + (t1 - t0) * v
+    expected = pipe.to_pil(pipe.decode_tokens(x, 64, 64))[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    other = pipe(PROMPT, seed=2, num_steps=3, guidance=1.5, progress=False)
+    assert np.abs(np.asarray(other, dtype=float) - np.asarray(image, dtype=float)).max() > 2
