@@ -134,22 +134,21 @@ def is_flux2_folder(folder: str | Path) -> bool:
 
 
 def _variant(model: Flux2, files: Flux2Files, overrides: dict, requested: str | None) -> str:
-    if model.config.use_guidance_embed:
-        variant = "dev"
-    elif "variant" in overrides:
-        variant = overrides["variant"]
-    elif files.model_index is not None and "is_distilled" in (index := _read_json(files.model_index)):
-        variant = "klein" if index["is_distilled"] else "klein-base"
-    else:
-        variant = "klein-base" if re.search(r"\bbase\b", files.transformer.stem.replace("-", " ")) else "klein"
-    if requested is not None:
-        if (requested == "dev") != model.config.use_guidance_embed:
-            has = "has" if model.config.use_guidance_embed else "has no"
-            raise ValueError(f"variant {requested!r} does not fit the transformer, which {has} guidance embedder")
-        variant = requested
-    if variant not in FLUX2_VARIANTS:
-        raise ValueError(f"unknown FLUX.2 variant {variant!r}; choose one of {sorted(FLUX2_VARIANTS)}")
-    return variant
+    """`variant=`, else sampling.json's, else what the files say; a choice must fit the transformer."""
+    guided = model.config.use_guidance_embed
+    chosen = requested if requested is not None else overrides.get("variant")
+    if chosen is not None:
+        if chosen not in FLUX2_VARIANTS:
+            raise ValueError(f"unknown FLUX.2 variant {chosen!r}; choose one of {sorted(FLUX2_VARIANTS)}")
+        if (chosen == "dev") != guided:
+            has = "has a" if guided else "has no"
+            raise ValueError(f"variant {chosen!r} does not fit the transformer, which {has} guidance embedder")
+        return chosen
+    if guided:
+        return "dev"
+    if files.model_index is not None and "is_distilled" in (index := _read_json(files.model_index)):
+        return "klein" if index["is_distilled"] else "klein-base"
+    return "klein-base" if re.search(r"\bbase\b", files.transformer.stem.replace("-", " ")) else "klein"
 
 
 def _sampling_overrides(path: Path | None) -> dict:
