@@ -6,6 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from concept_attention.cli import main as concept_main
 from concept_attention.encoding import encode_concepts_flux2
@@ -33,6 +35,11 @@ def klein(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(klein):
     return ConceptAttentionPipeline.from_folder(klein)
+
+
+@pytest.fixture(scope="module")
+def plain_image(pipe):
+    return np.asarray(pipe.flux(PROMPT, seed=7, num_steps=2, progress=False))
 
 
 def assert_distributions(maps, grid=(16, 16)):
@@ -114,3 +121,20 @@ def test_cli_generate_encode_and_eval_on_a_flux2_folder(klein, tmp_path):
                          "--methods", "concept_attention,cross_attention"])
     assert code == 0
     assert any((tmp_path / "eval").iterdir())
+
+
+WORDS = ["cat", "dog", "sky", "red sky", "grass", "tree", "water"]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    concepts=st.lists(st.sampled_from(WORDS), min_size=2, max_size=4, unique=True),
+    encoding=st.sampled_from(["first_token", "mean", "authors"]),
+    positions=st.sampled_from(["zero", "authors"]),
+    layers=st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),
+)
+def test_concepts_never_change_the_image(pipe, plain_image, concepts, encoding, positions, layers):
+    out = pipe.generate_image(PROMPT, concepts, seed=7, num_inference_steps=2, layer_indices=layers,
+                              concept_encoding=encoding, concept_positions=positions, progress=False)
+    assert np.array_equal(np.asarray(out.image), plain_image)
+    torch.testing.assert_close(out.concept_maps.sum(dim=0), torch.ones(16, 16), rtol=0, atol=1e-5)
