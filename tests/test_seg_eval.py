@@ -372,9 +372,6 @@ def tiny_run(tiny_weights, tmp_path_factory):
 
 
 def test_tiny_model_end_to_end(tiny_weights, tiny_run):
-    from concept_attention.pipeline import ConceptAttentionPipeline
-    from concept_attention.shapes import ShapesConfig, ShapesDataset
-
     summary = json.loads((tiny_run / "summary.json").read_text())["results"]
     assert summary["concept_attention"]["n_images"] == 2
     assert {"concept_attention@layer=2", "value_space@t=0.3"} <= set(summary)
@@ -382,19 +379,38 @@ def test_tiny_model_end_to_end(tiny_weights, tiny_run):
         assert 0 <= row["pixel_accuracy"] <= 1 and 0 <= row["miou"] <= 1
     assert all((tiny_run / "plots" / name).exists() for name in ("per_layer.png", "per_timestep.png", "examples.png"))
 
-    # Independent recomputation of image 0: shapes labels, the caption, argmax over concepts by hand.
+
+def test_demo_model_eval_matches_an_independent_recomputation(tmp_path):
+    """The shapes preset on the trained demo model (a random tiny model predicts one label everywhere, so
+    its confusion matrix could not tell), recomputed by hand from the preset's own settings."""
+    from concept_attention.pipeline import ConceptAttentionPipeline
+    from concept_attention.shapes import ShapesConfig, ShapesDataset
+
+    weights, out = REPO / "weights" / "demo", tmp_path / "demo-run"
+    assert run_eval(parse("--dataset", "shapes", "--data", "2:3", "--weights", str(weights), "--out", str(out),
+                          "--no-progress")) == 0
+    records = load_records(out)
+    preset = get_preset("shapes")
     words = list(ShapesConfig().concept_words)
-    sample = ShapesDataset(2, seed=3)[0]
-    truth = np.array([words.index(n) for n in sample.class_names])[sample.mask]
-    concepts = [words[label] for label in np.unique(truth)]   # the classes present, in label order
-    pipe = ConceptAttentionPipeline.from_folder(tiny_weights)
-    out = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=0.5, layer_indices=[0, 1, 2])
-    maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="nearest")[0]
-    predicted = np.array([words.index(concepts[k]) for k in range(len(concepts))])[maps.argmax(0).numpy()]
-    expected = np.zeros((len(words), len(words)), np.int64)
-    np.add.at(expected, (truth.ravel(), predicted.ravel()), 1)
-    record = load_records(tiny_run)[0]
-    assert np.array_equal(np.asarray(record["scores"]["concept_attention"]["confusion"]), expected)
+    pipe = ConceptAttentionPipeline.from_folder(weights)
+    for index in (0, 1):
+        sample = ShapesDataset(2, seed=3)[index]
+        truth = np.array([words.index(n) for n in sample.class_names])[sample.mask]
+        concepts = [words[label] for label in np.unique(truth)]  # the classes present, in label order
+
+        def confusion(num_samples: int) -> np.ndarray:
+            maps = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=preset.t, seed=preset.seed,
+                                     num_samples=num_samples).concept_maps  # default layers: the last four
+            maps = torch.nn.functional.interpolate(maps[None].double(), size=(32, 32), mode="nearest")[0]
+            predicted = np.array([words.index(c) for c in concepts])[maps.argmax(0).numpy()]
+            assert len(np.unique(predicted)) > 1  # real predictions, not one label everywhere
+            matrix = np.zeros((len(words), len(words)), np.int64)
+            np.add.at(matrix, (truth.ravel(), predicted.ravel()), 1)
+            return matrix
+
+        expected = confusion(preset.num_samples)
+        assert preset.num_samples == 2 and not np.array_equal(expected, confusion(1))  # the sample count matters
+        assert np.array_equal(np.asarray(records[index]["scores"]["concept_attention"]["confusion"]), expected)
 
 
 def test_tiny_model_two_torchrun_processes_merge_exactly(tiny_weights, tiny_run, tmp_path):
