@@ -65,7 +65,6 @@ def inputs(c: FluxConfig, seed: int = 0, grid: tuple[int, int] = GRID) -> dict:
 def diffusers_twin(model: Flux):
     from diffusers import FluxTransformer2DModel
 
-    c = model.config
     twin = FluxTransformer2DModel(**diffusers_config(model.config))
     twin.load_state_dict(bfl_to_diffusers(model.state_dict()), strict=True)
     return twin.eval()

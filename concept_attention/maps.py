@@ -3,6 +3,12 @@
 A map is a (B, r, N) tensor: for each image token, one value per concept. Per layer and per timestep
 the scores become a distribution over concepts (softmax), then a running mean over the chosen layers
 and timesteps keeps memory at O(r x N) however many steps and layers are read.
+
+Works for every generation through the interface they share: `model.concept_stream(concept_txt,
+timesteps, guidance=..., attention=..., ...)`, `model.layers(img, img_ids, txt, txt_ids, timesteps,
+guidance=..., concepts=..., concepts_in_single_blocks=...)`, `model.final_layer(img, vec)` and
+`config.concept_layers`. Inputs only one generation has (Flux.1's pooled `y` and `concept_y`, FLUX.2's
+`concept_ids`) are passed on by name when given.
 """
 
 from __future__ import annotations
@@ -13,9 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
-from flux_mini.flux1 import Flux
 from flux_mini.layers import LayerOutput
 
 SPACES = ("output", "cross_attention", "value")
@@ -30,7 +35,10 @@ def linear_normalize(x: Tensor, dim: int) -> Tensor:
 
 
 def dot_scores(concept_vectors: Tensor, image_vectors: Tensor, normalize: str | None) -> Tensor:
-    """(B, r, D) . (B, N, D) -> (B, r, N); `linear` normalises each feature over the concepts first."""
+    """(B, r, D) . (B, N, D) -> (B, r, N) in float32 at least, whatever the model's dtype: in float16 the
+    products overflow 65504 and the softmax returns NaN. `linear` normalises each feature over the concepts first."""
+    precise = torch.promote_types(concept_vectors.dtype, torch.float32)
+    concept_vectors, image_vectors = concept_vectors.to(precise), image_vectors.to(precise)
     if normalize == "linear":
         concept_vectors = linear_normalize(concept_vectors, dim=1)
     return torch.einsum("brd,bnd->brn", concept_vectors, image_vectors)
@@ -111,12 +119,18 @@ class MapAccumulator:
         }
 
 
-def check_layers(model: Flux, layers: Iterable[int] | None) -> list[int]:
-    """Validate layer numbers (double blocks 0..depth-1, single blocks after); None = all double blocks."""
+def given(**inputs) -> dict:
+    """The generation-specific inputs that were given (not None), to pass on by name."""
+    return {name: value for name, value in inputs.items() if value is not None}
+
+
+def check_layers(model: nn.Module, layers: Iterable[int] | None) -> list[int]:
+    """Validate layer numbers (double blocks 0..depth-1, single blocks after); None = the model's default,
+    `config.concept_layers` (Flux.1: the double blocks; FLUX.2: every layer)."""
     config = model.config
-    chosen = list(range(config.depth)) if layers is None else sorted(set(int(i) for i in layers))
+    chosen = list(config.concept_layers) if layers is None else sorted(set(int(i) for i in layers))
     if not chosen:
-        raise ValueError("no layers requested: pass layer numbers, or None for all double blocks")
+        raise ValueError("no layers requested: pass layer numbers, or None for the model's default layers")
     bad = [i for i in chosen if not 0 <= i < config.num_layers]
     if bad:
         raise ValueError(
@@ -127,13 +141,13 @@ def check_layers(model: Flux, layers: Iterable[int] | None) -> list[int]:
 
 
 def run_concept_layers(
-    model: Flux,
+    model: nn.Module,
     img: Tensor,
     img_ids: Tensor,
     txt: Tensor,
     txt_ids: Tensor,
     timesteps: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     concept_txt: Tensor,
     accumulator: MapAccumulator,
     layers: list[int],
@@ -142,23 +156,29 @@ def run_concept_layers(
     attention: str = "both",
     need_output: bool = False,
     step: int | None = None,
+    concept_ids: Tensor | None = None,
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
 
+    `y`, `concept_y`: Flux.1's pooled inputs (None for FLUX.2); `concept_ids`: FLUX.2's concept RoPE ids.
     Without `need_output` the pass stops after the last requested layer (maps cost no more than the
     blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels)."""
     stream = model.concept_stream(
         concept_txt,
         timesteps,
-        concept_y,
-        guidance,
+        guidance=guidance,
         attention=attention,
         cross_attention="cross_attention" in accumulator.spaces,
         values="value" in accumulator.spaces,
+        **given(concept_y=concept_y, concept_ids=concept_ids),
     )
     wanted, last = set(layers), max(layers)
     through_single = last >= model.config.depth
-    for layer in model.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, stream, through_single):
+    passes = model.layers(
+        img, img_ids, txt, txt_ids, timesteps, guidance=guidance, concepts=stream,
+        concepts_in_single_blocks=through_single, **given(y=y),
+    )  # fmt: skip
+    for layer in passes:
         if layer.index in wanted:
             accumulator.add(layer, step)
         if not need_output and layer.index >= last:
@@ -168,36 +188,41 @@ def run_concept_layers(
 
 @torch.no_grad()
 def compute_concept_maps(
-    model: Flux,
+    model: nn.Module,
     img: Tensor,
     img_ids: Tensor,
     txt: Tensor,
     txt_ids: Tensor,
     timesteps: Tensor,
-    y: Tensor,
-    concept_txt: Tensor,
+    y: Tensor | None = None,
+    concept_txt: Tensor | None = None,
     guidance: Tensor | None = None,
     concept_y: Tensor | None = None,
     layers: Iterable[int] | None = None,
     space: str = "output",
     softmax: bool = True,
     attention: str = "both",
+    concept_ids: Tensor | None = None,
 ) -> Tensor:
     """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
 
     `timesteps` is the diffusion time as in the model's forward; `concept_txt` the concept embeddings in
-    T5 space (B, r, context_in_dim); `concept_y` the concept stream's pooled input (zeros when None)."""
+    the text-feature space (B, r, context_in_dim). Flux.1: `y` the pooled vector, `concept_y` the concept
+    stream's pooled input (zeros when None). FLUX.2: no `y`; `concept_ids` (B, r, 4) the concepts' RoPE
+    ids (zeros when None). `layers` None = `model.config.concept_layers`."""
     check_concept_txt(model, concept_txt, img.shape[0])
     accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
     run_concept_layers(
         model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, check_layers(model, layers),
-        guidance=guidance, concept_y=concept_y, attention=attention,
+        guidance=guidance, concept_y=concept_y, attention=attention, concept_ids=concept_ids,
     )
     return accumulator.mean()[space]
 
 
-def check_concept_txt(model: Flux, concept_txt: Tensor, batch: int) -> None:
+def check_concept_txt(model: nn.Module, concept_txt: Tensor | None, batch: int) -> None:
     expected = (batch, "r >= 1", model.config.context_in_dim)
+    if concept_txt is None:
+        raise ValueError(f"pass concept_txt, the concept embeddings {expected}")
     if concept_txt.ndim != 3 or concept_txt.shape[0] != batch or concept_txt.shape[2] != model.config.context_in_dim:
         raise ValueError(f"concept_txt must be (B, r, context_in_dim) = {expected}, got {tuple(concept_txt.shape)}")
     if concept_txt.shape[1] == 0:

@@ -1,10 +1,10 @@
-"""flux_mini: a small, exact PyTorch implementation of Flux.1: transformer, autoencoder, sampling."""
+"""flux_mini: a small, exact PyTorch implementation of Flux.1 and FLUX.2: transformers, autoencoder, sampling."""
 
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder, load_autoencoder
 from flux_mini.checkpoint import CheckpointError
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
-from flux_mini.pipeline import FluxPipeline
+from flux_mini.flux2 import Flux2, Flux2Config
 
 __all__ = [
     "AutoEncoder",
@@ -12,8 +12,19 @@ __all__ = [
     "CheckpointError",
     "Flux",
     "FluxConfig",
+    "Flux2",
+    "Flux2Config",
     "FluxPipeline",
     "IdentityAutoEncoder",
     "load_autoencoder",
     "load_flux",
 ]
+
+
+def __getattr__(name: str):
+    """FluxPipeline on first use: it pulls in the text encoders' libraries, which take seconds to import."""
+    if name == "FluxPipeline":
+        from flux_mini.pipeline import FluxPipeline
+
+        return FluxPipeline
+    raise AttributeError(f"module 'flux_mini' has no attribute {name!r}")

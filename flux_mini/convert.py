@@ -1,6 +1,7 @@
-"""Transformer state dicts: BFL layout (ours) <-> diffusers `FluxTransformer2DModel` layout (spec §6.1).
+"""Transformer state dicts: BFL layout (ours) <-> diffusers layout, for `FluxTransformer2DModel` (Flux.1,
+spec flux-format.md §6.1) and `Flux2Transformer2DModel` (FLUX.2, flux2-format.md §4.2).
 
-diffusers splits the fused projections (double-block qkv, single-block linear1) into separate
+diffusers splits the fused projections (double-block qkv; Flux.1 single-block linear1) into separate
 tensors and stores the final modulation as (scale, shift) instead of (shift, scale). Split widths are
 read off the tensors themselves, so any hidden size and MLP ratio converts (diffusers' own single-file
 converter assumes 3072 and ratio 4).
@@ -11,13 +12,14 @@ Keys that no rule knows pass through unchanged, so a strict load afterwards name
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from flux_mini.flux1 import FluxConfig
+from flux_mini.flux2 import Flux2Config
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,74 @@ def _block_indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
 
 
-def rules_for(keys) -> list[Rule]:
-    """The rules for every block index that occurs in `keys` (either layout)."""
+def _blocks(keys) -> tuple[list[int], list[int]]:
+    """The double and single block indices that occur in `keys` (either layout)."""
     doubles = _block_indices(keys, r"(?:double_blocks|transformer_blocks)\.(\d+)\.")
     singles = _block_indices(keys, r"(?:single_blocks|single_transformer_blocks)\.(\d+)\.")
+    return doubles, singles
+
+
+def rules_for(keys) -> list[Rule]:
+    """The Flux.1 rules for every block index that occurs in `keys` (either layout)."""
+    doubles, singles = _blocks(keys)
     blocks = [r for i in doubles for r in _double_rules(i)] + [r for i in singles for r in _single_rules(i)]
     return _global_rules() + blocks
+
+
+# FLUX.2 (spec flux2-format.md §4.2): no biases, shared modulations, single-block projections stay fused.
+
+
+def _flux2_global_rules() -> list[Rule]:
+    stems = [
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        ("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
+        ("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
+        ("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
+        ("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
+        ("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
+        ("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
+        ("single_stream_modulation.lin", "single_stream_modulation.linear"),
+        ("final_layer.linear", "proj_out"),
+    ]
+    rules = [Rule(f"{bfl}.weight", (f"{dif}.weight",)) for bfl, dif in stems]
+    return rules + [Rule("final_layer.adaLN_modulation.1.weight", ("norm_out.linear.weight",), kind="swap")]
+
+
+def _flux2_double_rules(i: int) -> list[Rule]:
+    b, d = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
+    rules = []
+    streams = {  # BFL stream -> diffusers (q/k/v, out projection, feed-forward, qk-norm infix)
+        "img": (("to_q", "to_k", "to_v"), "to_out.0", "ff", ""),
+        "txt": (("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context", "added_"),
+    }
+    for s, (qkv, proj, ff, added) in streams.items():
+        rules += [
+            Rule(f"{b}.{s}_attn.qkv.weight", tuple(f"{d}.{n}.weight" for n in qkv), kind="split"),
+            Rule(f"{b}.{s}_attn.proj.weight", (f"{d}.{proj}.weight",)),
+            Rule(f"{b}.{s}_attn.norm.query_norm.scale", (f"{d}.norm_{added}q.weight",)),
+            Rule(f"{b}.{s}_attn.norm.key_norm.scale", (f"{d}.norm_{added}k.weight",)),
+            Rule(f"{b}.{s}_mlp.0.weight", (f"transformer_blocks.{i}.{ff}.linear_in.weight",)),
+            Rule(f"{b}.{s}_mlp.2.weight", (f"transformer_blocks.{i}.{ff}.linear_out.weight",)),
+        ]
+    return rules
+
+
+def _flux2_single_rules(i: int) -> list[Rule]:
+    b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}.attn"
+    return [
+        Rule(f"{b}.linear1.weight", (f"{d}.to_qkv_mlp_proj.weight",)),
+        Rule(f"{b}.linear2.weight", (f"{d}.to_out.weight",)),
+        Rule(f"{b}.norm.query_norm.scale", (f"{d}.norm_q.weight",)),
+        Rule(f"{b}.norm.key_norm.scale", (f"{d}.norm_k.weight",)),
+    ]
+
+
+def flux2_rules_for(keys) -> list[Rule]:
+    """The FLUX.2 rules for every block index that occurs in `keys` (either layout)."""
+    doubles, singles = _blocks(keys)
+    blocks = [r for i in doubles for r in _flux2_double_rules(i)] + [r for i in singles for r in _flux2_single_rules(i)]
+    return _flux2_global_rules() + blocks
 
 
 def _swap_halves(t: Tensor) -> Tensor:
@@ -104,10 +168,10 @@ def _swap_halves(t: Tensor) -> Tensor:
     return torch.cat((second, first), dim=0)
 
 
-def bfl_to_diffusers(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """BFL names -> diffusers names; splits are views (no copy), the norm_out swap copies."""
+def bfl_to_diffusers(tensors: Mapping[str, Tensor], rules: Callable[..., list[Rule]] = rules_for) -> dict[str, Tensor]:
+    """BFL names -> diffusers names (Flux.1 rules unless told); splits are views, the norm_out swap copies."""
     rest, out = dict(tensors), {}
-    for rule in rules_for(tensors):
+    for rule in rules(tensors):
         if rule.bfl not in rest or (rule.width_key and rule.width_key not in tensors):
             continue
         t = rest.pop(rule.bfl)
@@ -124,10 +188,10 @@ def bfl_to_diffusers(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out | rest
 
 
-def diffusers_to_bfl(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def diffusers_to_bfl(tensors: Mapping[str, Tensor], rules: Callable[..., list[Rule]] = rules_for) -> dict[str, Tensor]:
     """diffusers names -> BFL names; fused tensors are concatenated (a copy) in the order q, k, v(, mlp)."""
     rest, out = dict(tensors), {}
-    for rule in rules_for(tensors):
+    for rule in rules(tensors):
         if not all(name in rest for name in rule.diffusers):
             continue
         parts = [rest.pop(name) for name in rule.diffusers]
@@ -138,6 +202,14 @@ def diffusers_to_bfl(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         else:
             out[rule.bfl] = torch.cat(parts, dim=0)
     return out | rest
+
+
+def flux2_bfl_to_diffusers(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return bfl_to_diffusers(tensors, flux2_rules_for)
+
+
+def flux2_diffusers_to_bfl(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return diffusers_to_bfl(tensors, flux2_rules_for)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,4 +252,43 @@ def config_from_diffusers(c: Mapping) -> FluxConfig:
         depth_single_blocks=c["num_single_layers"],
         axes_dim=tuple(c["axes_dims_rope"]),
         guidance_embed=c["guidance_embeds"],
+    )
+
+
+def flux2_diffusers_config(config: Flux2Config) -> dict:
+    """The `Flux2Transformer2DModel` config equivalent to `config` (spec flux2-format.md §4.1)."""
+    return dict(
+        patch_size=1,
+        in_channels=config.in_channels,
+        out_channels=None,
+        num_layers=config.depth,
+        num_single_layers=config.depth_single_blocks,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads,
+        joint_attention_dim=config.context_in_dim,
+        timestep_guidance_channels=256,
+        mlp_ratio=config.mlp_ratio,
+        axes_dims_rope=tuple(config.axes_dim),
+        rope_theta=config.theta,
+        guidance_embeds=config.use_guidance_embed,
+    )
+
+
+def flux2_config_from_diffusers(c: Mapping) -> Flux2Config:
+    """The Flux2Config of a diffusers `Flux2Transformer2DModel` config.json (class defaults are [dev]'s)."""
+    defaults = Flux2Config()
+    if (c.get("out_channels") or c.get("in_channels", 128)) != c.get("in_channels", 128):
+        raise ValueError(f"FLUX.2 has out_channels = in_channels; this config has {c['out_channels']} and {c['in_channels']}")
+    heads = c.get("num_attention_heads", defaults.num_heads)
+    return Flux2Config(
+        in_channels=c.get("in_channels", defaults.in_channels),
+        context_in_dim=c.get("joint_attention_dim", defaults.context_in_dim),
+        hidden_size=heads * c.get("attention_head_dim", defaults.head_dim),
+        num_heads=heads,
+        depth=c.get("num_layers", defaults.depth),
+        depth_single_blocks=c.get("num_single_layers", defaults.depth_single_blocks),
+        axes_dim=tuple(c.get("axes_dims_rope", defaults.axes_dim)),
+        theta=c.get("rope_theta", defaults.theta),
+        mlp_ratio=c.get("mlp_ratio", defaults.mlp_ratio),
+        use_guidance_embed=c.get("guidance_embeds", defaults.use_guidance_embed),
     )

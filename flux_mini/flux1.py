@@ -36,7 +36,9 @@ from flux_mini.layers import (
     concept_attention,
     concept_layer,
     few_token_linear,
+    few_token_mlp,
     layer_norm,
+    linear_weight,
     merge_heads,
     split_heads,
     timestep_embedding,
@@ -102,6 +104,11 @@ class FluxConfig:
     def num_layers(self) -> int:
         """Double plus single blocks: the layer numbering used for concept maps."""
         return self.depth + self.depth_single_blocks
+
+    @property
+    def concept_layers(self) -> tuple[int, ...]:
+        """Layers whose concept maps are averaged when none are named: the double blocks (the paper's)."""
+        return tuple(range(self.depth))
 
     @classmethod
     def from_preset(cls, name: str) -> FluxConfig:
@@ -183,11 +190,6 @@ class SelfAttention(nn.Module):
 def mlp(dim: int, hidden: int) -> nn.Sequential:
     """Linear -> GELU(tanh) -> Linear; indices 0 and 2 are the official keys."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-
-
-def few_token_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
-    """The MLP for the concept stream's few tokens (see `few_token_linear`)."""
-    return few_token_linear(mlp[2], mlp[1](few_token_linear(mlp[0], x)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,8 +298,8 @@ class SingleStreamBlock(nn.Module):
     def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
         """linear2 of [attn ; mlp_act], as the sum of two products over the weight's column blocks:
         the same map without building the (T + L) x (D + M) concatenation."""
-        weight, dim = self.linear2.weight, self.hidden_size
-        return F.linear(attn, weight[:, :dim], self.linear2.bias) + F.linear(mlp_act, weight[:, dim:])
+        weight, dim = linear_weight(self.linear2).to(attn.dtype), self.hidden_size
+        return F.linear(attn, weight[:, :dim], self.linear2.bias.to(attn.dtype)) + F.linear(mlp_act, weight[:, dim:])
 
     def concept_forward(
         self, concepts: ConceptStream, img_q: Tensor, img_k: Tensor, img_v: Tensor, img_out: Tensor, sites: Sites

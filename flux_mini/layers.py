@@ -150,14 +150,16 @@ class ConceptStream:
     """Concept tokens travelling beside the text stream through the text-stream weights of each block.
 
     They attend to image tokens (and to each other) but no other token attends to them, so the image
-    and text outputs are exactly those of the plain forward. Concept ids are zero (like text ids), so
-    RoPE leaves their queries and keys unrotated and is skipped for them."""
+    and text outputs are exactly those of the plain forward. In Flux.1 concept ids are zero (like text
+    ids), so RoPE leaves their queries and keys unrotated and is skipped for them (`pe` None); FLUX.2
+    gives concepts position ids, whose rotations ride in `pe`."""
 
     tokens: Tensor  # (B, r, D) the concept residual stream
-    vec: Tensor  # (B, D) its modulation vector: time [+ guidance] + vector_in(concept pooled input)
+    vec: Tensor  # (B, D) its modulation vector: time [+ guidance] [+ vector_in(concept pooled input)]
     attention: str = "both"  # keys/values of the concept queries: "both", "cross" (image only), "self", "none"
     cross_attention: bool = False  # also return the raw cross-attention baseline q_img . k_concept
     values: bool = False  # also return the value vectors (value-space ablation)
+    pe: Tensor | None = None  # (B, 1, r, Dh/2) RoPE rotations of the concept tokens; None: unrotated
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
@@ -195,28 +197,45 @@ def concept_attention(q_c: Tensor, k_c: Tensor, v_c: Tensor, k_img: Tensor, v_im
     return sum(w @ v for w, (_, v) in zip(parts, sources))
 
 
+def linear_weight(layer: nn.Module) -> Tensor:
+    """The (out, in) matrix a Linear multiplies by: its own weight, or the upcast copy of a weight stored
+    in fp8 (`flux_mini.lowmem.Float8Linear`). For code that uses a Linear's weight directly."""
+    dequantized = getattr(layer, "dequantized_weight", None)
+    return layer.weight if dequantized is None else dequantized()
+
+
 def few_token_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """layer(x) for a handful of tokens (B, r, in) -> (B, r, out), as weight @ x^T.
 
     With r ~ 10 the product is bound by reading the weight; in this orientation CPU BLAS streams it once
     instead of packing it first, about 2x faster than F.linear. Used by the concept stream only."""
     columns = rearrange(x, "b r d -> d (b r)")
+    weight = linear_weight(layer).to(x.dtype)
     if layer.bias is None:
-        out = layer.weight @ columns
+        out = weight @ columns
     else:
-        out = torch.addmm(layer.bias[:, None], layer.weight, columns)
+        out = torch.addmm(layer.bias[:, None].to(x.dtype), weight, columns)
     return rearrange(out, "o (b r) -> b r o", b=x.shape[0])
+
+
+def few_token_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """An MLP Linear -> activation -> Linear (official indices 0, 1, 2) for the concept stream's few tokens."""
+    return few_token_linear(mlp[2], mlp[1](few_token_linear(mlp[0], x)))
 
 
 def concept_layer(
     stream: ConceptStream, concept_out: Tensor, k_c: Tensor, v_c: Tensor, img_q: Tensor, img_v: Tensor, img_out: Tensor
 ) -> ConceptLayer:
-    """Package one block's concept results with the baselines the stream asked for; img_q is pre-RoPE."""
+    """Package one block's concept results with the baselines the stream asked for; img_q is pre-RoPE.
+    The cross-attention scores are computed in float32 at least: in float16 these products overflow 65504."""
+    precise = upcast(img_q.dtype)
     return ConceptLayer(
         concept_out=concept_out,
         image_out=img_out,
         stream=stream,
-        cross_attention=torch.einsum("bhnd,bhrd->bhrn", img_q, k_c) if stream.cross_attention else None,
+        cross_attention=torch.einsum("bhnd,bhrd->bhrn", img_q.to(precise), k_c.to(precise))
+        if stream.cross_attention
+        else None,
         concept_values=merge_heads(v_c) if stream.values else None,
         image_values=merge_heads(img_v) if stream.values else None,
     )

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from flux_mini.checkpoint import read_header
 
@@ -163,6 +162,8 @@ class T5Embedder(TextEmbedder):
         _require(tokenizer_folder, ("spiece.model", "tokenizer.json"), "T5 tokenizer")
         _require(folder, ("config.json",), "T5 encoder config")
         _require(folder, WEIGHT_FILES, "T5 encoder weights")
+        from transformers import T5EncoderModel, T5Tokenizer  # seconds to import: only when a model is loaded
+
         _check_folder("T5", folder, tokenizer_folder)
         tokenizer = _load_tokenizer(T5Tokenizer, tokenizer_folder, "T5")
         model = _load_exactly(T5EncoderModel, folder, "T5", dtype).to(device)
@@ -192,6 +193,8 @@ class CLIPEmbedder(TextEmbedder):
             _require(tokenizer_folder, ("merges.txt",), "CLIP tokenizer")
         _require(folder, ("config.json",), "CLIP text encoder config")
         _require(folder, WEIGHT_FILES, "CLIP text encoder weights")
+        from transformers import CLIPTextModel, CLIPTokenizer  # seconds to import: only when a model is loaded
+
         _check_folder("CLIP", folder, tokenizer_folder)
         tokenizer = _load_tokenizer(CLIPTokenizer, tokenizer_folder, "CLIP")
         model = _load_exactly(CLIPTextModel, folder, "CLIP", dtype).to(device)

@@ -13,6 +13,7 @@ from torch import nn
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
+from flux_mini.flux2 import Flux2Config
 
 
 def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
@@ -33,6 +34,23 @@ def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
         guidance_embed=guidance_embed,
     )
     return FluxConfig(**{**fields, **overrides})
+
+
+def tiny_flux2_config(use_guidance_embed: bool = False, **overrides) -> Flux2Config:
+    """A FLUX.2 with the official structure at toy width (head dim 16, 4 RoPE axes, theta 2000)."""
+    fields = dict(
+        in_channels=16,
+        context_in_dim=48,
+        hidden_size=64,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 4, 4, 4),
+        theta=2000,
+        mlp_ratio=3.0,
+        use_guidance_embed=use_guidance_embed,
+    )
+    return Flux2Config(**{**fields, **overrides})
 
 
 @torch.no_grad()
@@ -206,7 +224,9 @@ def build_tiny_weights(
         flux1-tiny.safetensors   the transformer, BFL keys, its FluxConfig in the safetensors metadata
         ae.safetensors           a tiny AE (identity-autoencoder.json instead if pixel_space)
         t5/, clip/               tokenizers and encoders (save_pretrained layout)
-        sampling.json            {"t5_max_length": ...}: the tiny prompts need far fewer than 256 tokens
+        sampling.json            the T5 length (tiny prompts need far fewer than 256 tokens) and the small
+                                 image size the model is meant for (64x64; 32x32 in pixel space), so that
+                                 `flux-mini generate --weights DIR` runs in seconds
 
     Deterministic for a seed; no downloads. guidance_embed=True gives a dev-family (guidance) model."""
     folder = Path(folder)
@@ -227,5 +247,7 @@ def build_tiny_weights(
         guidance_embed, in_channels=channels, out_channels=channels, context_in_dim=t5_dim, vec_in_dim=clip_dim
     )
     save_flux(randomize_(Flux(config), seed), folder / "flux1-tiny.safetensors")  # config in the metadata
-    (folder / "sampling.json").write_text(json.dumps({"t5_max_length": t5_max_length}) + "\n")
+    size = 32 if pixel_space else 64
+    sampling = {"t5_max_length": t5_max_length, "width": size, "height": size}
+    (folder / "sampling.json").write_text(json.dumps(sampling) + "\n")
     return folder
