@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flux_mini.layers import LayerOutput
+from flux_mini.layers import NO_SITES, LayerOutput, Sites
 
 SPACES = ("output", "cross_attention", "value")
 NORMALIZATIONS = (None, "linear")
@@ -157,12 +157,14 @@ def run_concept_layers(
     need_output: bool = False,
     step: int | None = None,
     concept_ids: Tensor | None = None,
+    sites: Sites = NO_SITES,
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
 
     `y`, `concept_y`: Flux.1's pooled inputs (None for FLUX.2); `concept_ids`: FLUX.2's concept RoPE ids.
     Without `need_output` the pass stops after the last requested layer (maps cost no more than the
-    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels)."""
+    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels).
+    `sites` caches or patches named values on the way (`flux_mini.interp`)."""
     stream = model.concept_stream(
         concept_txt,
         timesteps,
@@ -176,7 +178,7 @@ def run_concept_layers(
     through_single = last >= model.config.depth
     passes = model.layers(
         img, img_ids, txt, txt_ids, timesteps, guidance=guidance, concepts=stream,
-        concepts_in_single_blocks=through_single, **given(y=y),
+        concepts_in_single_blocks=through_single, sites=sites, **given(y=y),
     )  # fmt: skip
     for layer in passes:
         if layer.index in wanted:
@@ -186,7 +188,6 @@ def run_concept_layers(
     return model.final_layer(layer.img, layer.vec)
 
 
-@torch.no_grad()
 def compute_concept_maps(
     model: nn.Module,
     img: Tensor,
@@ -203,18 +204,21 @@ def compute_concept_maps(
     softmax: bool = True,
     attention: str = "both",
     concept_ids: Tensor | None = None,
+    sites: Sites = NO_SITES,
 ) -> Tensor:
     """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
 
     `timesteps` is the diffusion time as in the model's forward; `concept_txt` the concept embeddings in
     the text-feature space (B, r, context_in_dim). Flux.1: `y` the pooled vector, `concept_y` the concept
     stream's pooled input (zeros when None). FLUX.2: no `y`; `concept_ids` (B, r, 4) the concepts' RoPE
-    ids (zeros when None). `layers` None = `model.config.concept_layers`."""
+    ids (zeros when None). `layers` None = `model.config.concept_layers`. Differentiable: wrap it in
+    `torch.no_grad()` unless gradients are wanted (attribution). `sites` caches or patches named values
+    (`flux_mini.interp`)."""
     check_concept_txt(model, concept_txt, img.shape[0])
     accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
     run_concept_layers(
         model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, check_layers(model, layers),
-        guidance=guidance, concept_y=concept_y, attention=attention, concept_ids=concept_ids,
+        guidance=guidance, concept_y=concept_y, attention=attention, concept_ids=concept_ids, sites=sites,
     )
     return accumulator.mean()[space]
 

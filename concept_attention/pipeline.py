@@ -6,6 +6,7 @@ does not grow with steps x layers. API names follow the authors' `ConceptAttenti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,22 @@ from concept_attention.encoding import check_concept_tokens, check_concepts, enc
 from concept_attention.images import to_rgb
 from concept_attention.maps import SPACES, MapAccumulator, check_layers, gaussian_blur3x3, run_concept_layers
 from concept_attention.pictures import heatmaps
+from flux_mini.layers import NO_SITES
 from flux_mini.pipeline import FluxPipeline, check_finite, prompt_list
 from flux_mini.sampling import check_seed, euler_step, latent_size, pack, timestep_vector
 
 CONCEPT_POOLED = ("zero", "clip")
+
+
+def no_grad_unless_asked(method):
+    """Run `method` without autograd unless it is called with `grad=True` (gradient attribution)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch.set_grad_enabled(kwargs.get("grad", False)):
+            return method(*args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -40,6 +53,7 @@ class ConceptAttentionOutput:
     cross_attention_heatmaps: list[Image.Image] | None
     layer_maps: dict[str, Tensor] | None = None  # space -> (layers, r, h, w) when per_layer
     vectors: list[dict] | None = None  # raw o_c / o_x per (step, layer) when asked
+    cache: dict[int, dict[str, Tensor]] | None = None  # step (or sample) -> site -> value, with `interventions`
 
 
 class ConceptAttentionPipeline:
@@ -55,7 +69,7 @@ class ConceptAttentionPipeline:
 
     # -- the two entry points -------------------------------------------------------------------
 
-    @torch.no_grad()
+    @no_grad_unless_asked
     def generate_image(
         self,
         prompt: str | list[str],
@@ -79,6 +93,8 @@ class ConceptAttentionPipeline:
         vector_layers: Sequence[int] | None = None,
         vector_steps: Sequence[int] | None = None,
         progress: bool = True,
+        interventions=None,
+        grad: bool = False,
     ) -> ConceptAttentionOutput | list[ConceptAttentionOutput]:
         """Generate an image for `prompt` and the maps of `concepts` from the same model calls.
 
@@ -88,7 +104,9 @@ class ConceptAttentionPipeline:
         `timesteps` are indices of the denoising steps whose maps are averaged (None = all);
         `layer_indices` None = the last four double blocks (15-18 on Flux.1). With `return_vectors`,
         the raw concept/image attention outputs of `vector_layers` x `vector_steps` (default: the
-        averaged ones) are kept on the CPU."""
+        averaged ones) are kept on the CPU. `interventions` (`flux_mini.interp.Interventions`) caches or
+        patches named sites at every (or its chosen) steps: `out.cache[step][name]`. Autograd is off unless
+        `grad=True`."""
         options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "seed")}  # the parameters
         if not isinstance(prompt, str):
             prompts = prompt_list(prompt)
@@ -112,19 +130,21 @@ class ConceptAttentionPipeline:
             for step, (t_curr, t_prev) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
                 t_vec = timestep_vector(t_curr, img)
                 accumulator.keep_vectors = return_vectors and (vector_steps is None or step in vector_steps)
+                sites = NO_SITES if interventions is None else interventions.sites(step)
                 if step in steps:  # the same call gives the velocity and this step's maps
                     pred = run_concept_layers(
                         model, img, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
                         guidance=guidance_vec, concept_y=concept_y, attention=attention, need_output=True, step=step,
+                        sites=sites,
                     )
                 else:
-                    pred = model(img, ids, txt, txt_ids, t_vec, y, guidance_vec)
+                    pred = model(img, ids, txt, txt_ids, t_vec, y, guidance_vec, sites=sites)
                 img = euler_step(img, pred, t_curr, t_prev)
         check_finite(img, "latents")
         image = flux.to_pil(check_finite(flux.decode_tokens(img, height, width), "decoded images"))[0]
-        return self._output(image, concepts, accumulator, self._token_grid(height, width), blur)
+        return self._output(image, concepts, accumulator, self._token_grid(height, width), blur, interventions)
 
-    @torch.no_grad()
+    @no_grad_unless_asked
     def encode_image(
         self,
         image: Image.Image | Tensor,
@@ -151,6 +171,8 @@ class ConceptAttentionPipeline:
         return_vectors: bool = False,
         vector_layers: Sequence[int] | None = None,
         progress: bool = False,
+        interventions=None,
+        grad: bool = False,
     ) -> ConceptAttentionOutput:
         """Maps of a real image: encode it, noise it to time t, one pass per noise sample (seed + i),
         stopping after the last requested layer; the maps are averaged over the samples.
@@ -161,7 +183,9 @@ class ConceptAttentionPipeline:
         to `width` x `height` (multiples of 16), by default the model folder's size (1024x1024 for FLUX.1,
         as the authors' encode_image; the demo model's 32x32); pass image.width and image.height to keep
         its own size. PIL images are taken the right way up (EXIF), 16-bit and float ones by value range.
-        `guidance` (dev family only) defaults to the folder's."""
+        `guidance` (dev family only) defaults to the folder's. `interventions` (`flux_mini.interp.Interventions`)
+        caches or patches named sites per noise sample (its steps are the sample numbers):
+        `out.cache[sample][name]`; the passes stop after the last map layer. Autograd is off unless `grad=True`."""
         flux, model = self.flux, self.flux.model
         concepts = check_concepts(concepts)
         if pooled not in CONCEPT_POOLED:
@@ -199,8 +223,9 @@ class ConceptAttentionPipeline:
                 run_concept_layers(
                     model, noisy, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
                     guidance=guidance_vec, concept_y=concept_y, attention=attention, step=sample,
+                    sites=NO_SITES if interventions is None else interventions.sites(sample),
                 )
-        return self._output(picture, concepts, accumulator, self._token_grid(height, width), blur)
+        return self._output(picture, concepts, accumulator, self._token_grid(height, width), blur, interventions)
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -269,7 +294,11 @@ class ConceptAttentionPipeline:
         return tqdm(items, desc="concept attention")
 
     @staticmethod
-    def _output(image: Image.Image, concepts, accumulator: MapAccumulator, grid_hw, blur: bool) -> ConceptAttentionOutput:
+    def _output(
+        image: Image.Image, concepts, accumulator: MapAccumulator, grid_hw, blur: bool, interventions
+    ) -> ConceptAttentionOutput:
+        if interventions is not None:
+            interventions.check_visited("this pipeline call")
         h, w = grid_hw
 
         def grid(maps: Tensor) -> Tensor:  # (..., 1, r, N) -> (..., r, h, w)
@@ -290,6 +319,7 @@ class ConceptAttentionPipeline:
             cross_attention_heatmaps=heatmaps(cross, image.size) if cross is not None else None,
             layer_maps=layer_maps,
             vectors=accumulator.vectors if accumulator.vectors else None,
+            cache=interventions.cache if interventions is not None else None,
         )
 
 

@@ -5,12 +5,14 @@ The math follows `shared/spec/flux-format.md` §3; every module name matches a k
 state dict, so `model.state_dict()` *is* the checkpoint layout. The pieces every generation shares
 (RoPE, norms, attention, the concept-attention step, named sites) are in `layers.py`.
 
-Named sites (`flux_mini.interp`): `vec`, `img_in`, `txt_in`; per double block `double_blocks.N.` +
-`q`, `k`, `v` (joint [txt ; img], after QK-norm and RoPE, (B, H, T + L, Dh)), `img_attn`, `txt_attn`
-(attention outputs before the projection), `img_mlp`, `txt_mlp` (MLP outputs before the gate), `img`,
-`txt` (the streams after the block), `concept_attn`, `concepts` (the concept stream, when it runs);
-per single block `single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (GELU activations, (B, T + L, M)),
-`x` ([txt ; img] after the block), `concept_attn`, `concepts`.
+Named sites (`flux_mini.interp`), listed in the `SITES` of `Flux` and of each block class, in the order a
+forward visits them: `vec`, `img_in`, `txt_in`; per double block `double_blocks.N.` + `q`, `k`, `v` (joint
+[txt ; img], after QK-norm and RoPE, (B, H, T + L, Dh)), `txt_attn`, `img_attn` (attention outputs before the
+projection, heads concatenated), `img_mlp`, `txt_mlp` (MLP outputs before the gate), `img`, `txt` (the
+streams after the block), and, when the concept stream runs, `concept_q`, `concept_k` (B, H, r, Dh),
+`concept_attn` (B, r, D), `concepts` (the concept stream after the block); per single block
+`single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (GELU activations, (B, T + L, M)), `x` ([txt ; img] after
+the block), and the same four concept sites.
 """
 
 from __future__ import annotations
@@ -195,9 +197,13 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 # ----------------------------------------------------------------------------------------------
 # Blocks
 
+CONCEPT_SITES = ("concept_q", "concept_k", "concept_attn", "concepts")  # visited only when a concept stream runs
+
 
 class DoubleStreamBlock(nn.Module):
     """Image and text keep separate weights and meet only in one joint attention."""
+
+    SITES = ("q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt") + CONCEPT_SITES
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -247,6 +253,7 @@ class DoubleStreamBlock(nn.Module):
         """The concept stream through this block's *text* weights; img_k is RoPE-rotated, img_q is not."""
         mod1, mod2 = self.txt_mod(concepts.vec)
         q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
+        q_c, k_c = sites("concept_q", q_c), sites("concept_k", k_c)
         o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         c = mod1.residual(concepts.tokens, few_token_linear(self.txt_attn.proj, o_c))
@@ -256,6 +263,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Text and image as one sequence; attention and MLP run in parallel from fused projections."""
+
+    SITES = ("q", "k", "v", "attn", "mlp", "x") + CONCEPT_SITES
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -307,6 +316,7 @@ class SingleStreamBlock(nn.Module):
         """Extension beyond the paper: concepts through this block's shared weights."""
         (mod,) = self.modulation(concepts.vec)
         q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.modulate(concepts.tokens)))
+        q_c, k_c = sites("concept_q", q_c), sites("concept_k", k_c)
         o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         h = torch.cat((o_c, F.gelu(mlp_c, approximate="tanh")), dim=-1)
@@ -333,6 +343,8 @@ class LastLayer(nn.Module):
 
 class Flux(nn.Module):
     """Flow-matching transformer: packed latent tokens + T5 tokens + pooled CLIP -> velocity."""
+
+    SITES = ("vec", "img_in", "txt_in")  # its blocks' sites follow, under their module names
 
     def __init__(self, config: FluxConfig):
         super().__init__()

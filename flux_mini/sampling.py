@@ -144,7 +144,6 @@ def euler_step(img: Tensor, pred: Tensor, t_curr: float, t_prev: float) -> Tenso
     return img + (t_prev - t_curr) * pred
 
 
-@torch.no_grad()
 def denoise(
     model: torch.nn.Module,
     img: Tensor,
@@ -155,21 +154,30 @@ def denoise(
     timesteps: list[float],
     guidance: float | None = None,
     progress: bool = True,
+    interventions=None,
+    grad: bool = False,
 ) -> Tensor:
     """Integrate packed noise tokens img (B, L, C*4) along `timesteps`; one model call per step.
 
-    `guidance` is the distilled guidance strength of dev-family models; schnell ignores it."""
+    `guidance` is the distilled guidance strength of dev-family models; schnell ignores it.
+    `interventions` (`flux_mini.interp.Interventions`) caches or patches named sites at every step, or at
+    its chosen steps. Autograd is off unless `grad` (e.g. for gradients through patches or cached values)."""
     guidance_vec = None if guidance is None else timestep_vector(guidance, img)
     steps = list(zip(timesteps[:-1], timesteps[1:]))
-    for t_curr, t_prev in tqdm(steps, desc="denoising", disable=not progress):
-        pred = model(
-            img=img,
-            img_ids=img_ids,
-            txt=txt,
-            txt_ids=txt_ids,
-            timesteps=timestep_vector(t_curr, img),
-            y=y,
-            guidance=guidance_vec,
-        )
-        img = euler_step(img, pred, t_curr, t_prev)
+    with torch.set_grad_enabled(grad):
+        for step, (t_curr, t_prev) in enumerate(tqdm(steps, desc="denoising", disable=not progress)):
+            sites = {} if interventions is None else {"sites": interventions.sites(step)}
+            pred = model(
+                img=img,
+                img_ids=img_ids,
+                txt=txt,
+                txt_ids=txt_ids,
+                timesteps=timestep_vector(t_curr, img),
+                y=y,
+                guidance=guidance_vec,
+                **sites,
+            )
+            img = euler_step(img, pred, t_curr, t_prev)
+    if interventions is not None:
+        interventions.check_visited("the denoising loop")
     return img
