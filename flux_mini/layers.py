@@ -274,3 +274,4 @@ class Sites:
 
 
 NO_SITES = Sites()
+CONCEPT_SITES = ("concept_q", "concept_k", "concept_attn", "concepts")  # visited only when a concept stream runs
