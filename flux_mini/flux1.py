@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux_mini.layers import (
+    CONCEPT_SITES,
     NO_SITES,
     ConceptLayer,
     ConceptStream,
@@ -186,8 +187,6 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 
 # ----------------------------------------------------------------------------------------------
 # Blocks
-
-CONCEPT_SITES = ("concept_q", "concept_k", "concept_attn", "concepts")  # visited only when a concept stream runs
 
 
 class DoubleStreamBlock(nn.Module):

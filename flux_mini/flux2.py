@@ -17,9 +17,10 @@ Named sites (`flux_mini.interp`), the Flux.1 names where the architecture has th
 shift, scale, gate), each the Linear output before it is cut into sets; per double block
 `double_blocks.N.` + `q`, `k`, `v` (joint [txt ; img] after QK-norm and RoPE, (B, H, T + L, Dh)),
 `img_attn`, `txt_attn` (attention outputs before the projection), `img_mlp`, `txt_mlp` (MLP outputs
-before the gate), `img`, `txt` (the streams after the block), `concept_attn`, `concepts`; per single
-block `single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (SwiGLU activations, (B, T + L, M)), `x`
-([txt ; img] after the block), `concept_attn`, `concepts`.
+before the gate), `img`, `txt` (the streams after the block), and, when the concept stream runs,
+`concept_q`, `concept_k` (after QK-norm and the concepts' RoPE, (B, H, r, Dh)), `concept_attn`, `concepts`;
+per single block `single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (SwiGLU activations, (B, T + L, M)), `x`
+([txt ; img] after the block) and the same four concept sites. Each class lists its sites in `SITES`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux_mini.layers import (
+    CONCEPT_SITES,
     NO_SITES,
     ConceptLayer,
     ConceptStream,
@@ -231,6 +233,8 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Image and text keep separate weights and meet only in one joint attention; no own modulation."""
 
+    SITES = ("q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt") + CONCEPT_SITES
+
     def __init__(self, config: Flux2Config):
         super().__init__()
         dim, heads = config.hidden_size, config.num_heads
@@ -284,7 +288,8 @@ class DoubleStreamBlock(nn.Module):
         """The concept stream through the text weights and text modulation; img_k is rotated, img_q is not."""
         mod1, mod2 = mod.txt
         q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
-        rotated_q, rotated_k = apply_rope(q_c, concepts.pe), apply_rope(k_c, concepts.pe)
+        rotated_q = sites("concept_q", apply_rope(q_c, concepts.pe))
+        rotated_k = sites("concept_k", apply_rope(k_c, concepts.pe))
         o_c = concept_attention(rotated_q, rotated_k, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         c = mod1.residual(concepts.tokens, few_token_linear(self.txt_attn.proj, o_c))
@@ -294,6 +299,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Text and image as one sequence; attention and SwiGLU MLP in parallel from fused projections."""
+
+    SITES = ("q", "k", "v", "attn", "mlp", "x") + CONCEPT_SITES
 
     def __init__(self, config: Flux2Config):
         super().__init__()
@@ -353,7 +360,8 @@ class SingleStreamBlock(nn.Module):
     ) -> ConceptLayer:
         """Concepts through this block's weights and the shared single modulation; img_k rotated, img_q not."""
         q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.single.modulate(concepts.tokens)))
-        rotated_q, rotated_k = apply_rope(q_c, concepts.pe), apply_rope(k_c, concepts.pe)
+        rotated_q = sites("concept_q", apply_rope(q_c, concepts.pe))
+        rotated_k = sites("concept_k", apply_rope(k_c, concepts.pe))
         o_c = concept_attention(rotated_q, rotated_k, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         h = torch.cat((o_c, self.mlp_act(mlp_c)), dim=-1)
@@ -380,6 +388,11 @@ class LastLayer(nn.Module):
 
 class Flux2(nn.Module):
     """Flow-matching transformer: 128-wide latent tokens + stacked LLM text features -> velocity."""
+
+    SITES = (  # its blocks' sites follow, under their module names
+        "vec", "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
+        "img_in", "txt_in",
+    )  # fmt: skip
 
     def __init__(self, config: Flux2Config):
         super().__init__()

@@ -14,7 +14,7 @@ from concept_attention import compute_concept_maps
 from concept_attention.maps import MapAccumulator, run_concept_layers
 from flux_mini import Flux2
 from flux_mini.flux2 import AUTHORS_CONCEPT_POSITION, concept_position_ids
-from flux_mini.layers import Sites
+from flux_mini.layers import CONCEPT_SITES, Sites
 from flux_mini.tiny import randomize_, tiny_flux2_config
 
 torch.set_num_threads(1)
@@ -244,7 +244,7 @@ def test_concepts_never_change_image_or_text(concepts, attention, single, guided
         for a, b in zip(plain, with_concepts):
             assert torch.equal(a.img, b.img)
             assert (b.concepts is not None) == (b.index < model.config.depth or single)
-        shared = {k: v for k, v in concept_sites.store.items() if not k.endswith(("concept_attn", "concepts"))}
+        shared = {k: v for k, v in concept_sites.store.items() if k.rsplit(".", 1)[-1] not in CONCEPT_SITES}
         assert shared.keys() == plain_sites.store.keys()
         assert all(torch.equal(shared[k], plain_sites.store[k]) for k in shared)
         velocity = model(**x)
@@ -337,8 +337,8 @@ def test_bad_concept_inputs_say_what_to_pass():
 
 # -- named sites --------------------------------------------------------------------------------
 
-DOUBLE_SITES = ["q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt", "concept_attn", "concepts"]
-SINGLE_SITES = ["q", "k", "v", "attn", "mlp", "x", "concept_attn", "concepts"]
+DOUBLE_SITES = ["q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt", *CONCEPT_SITES]
+SINGLE_SITES = ["q", "k", "v", "attn", "mlp", "x", *CONCEPT_SITES]
 
 
 def test_named_sites_are_the_documented_ones_and_replacing_one_changes_the_output():
