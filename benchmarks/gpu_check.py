@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from concept_attention.maps import compute_concept_maps
-from flux_mini.convert import bfl_to_diffusers, diffusers_config
+from flux_mini.convert import bfl_to_diffusers, diffusers_config, flux2_bfl_to_diffusers, flux2_diffusers_config
 from flux_mini.flux1 import PRESETS, Flux, FluxConfig
+from flux_mini.flux2 import PRESETS as FLUX2_PRESETS
+from flux_mini.flux2 import Flux2, Flux2Config
 from flux_mini.lowmem import offload_blocks, store_float8
 
 
@@ -37,20 +39,33 @@ class Case:
     """One model at one size: its config, image grid (tokens per side), text tokens and concepts."""
 
     name: str
-    config: FluxConfig
+    config: FluxConfig | Flux2Config
     grid: int
     text: int
     concepts: int = 10
 
+    @property
+    def model_class(self) -> type[nn.Module]:
+        return Flux2 if isinstance(self.config, Flux2Config) else Flux
+
 
 def cases(tiny: bool) -> list[Case]:
+    """At full size 1024x1024 (4096 image tokens) with each model's usual text length."""
     if tiny:
-        config = FluxConfig(
+        flux1 = FluxConfig(
             in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=4,
             depth=3, depth_single_blocks=3, axes_dim=(4, 6, 6),
         )
-        return [Case("flux1-tiny", config, grid=8, text=8, concepts=3)]
-    return [Case("flux1-schnell", PRESETS["flux-schnell"], grid=64, text=256)]  # 1024x1024
+        flux2 = Flux2Config(
+            in_channels=16, context_in_dim=48, hidden_size=64, num_heads=4, depth=3, depth_single_blocks=3,
+            axes_dim=(4, 4, 4, 4), use_guidance_embed=False,
+        )
+        return [Case("flux1-tiny", flux1, grid=8, text=8, concepts=3), Case("flux2-tiny", flux2, grid=8, text=8, concepts=3)]
+    return [
+        Case("flux1-schnell", PRESETS["flux-schnell"], grid=64, text=256),
+        Case("flux2-klein-4b", FLUX2_PRESETS["flux2-klein-4b"], grid=64, text=512),
+        Case("flux2-klein-9b", FLUX2_PRESETS["flux2-klein-9b"], grid=64, text=512),
+    ]
 
 
 @torch.no_grad()
@@ -68,18 +83,26 @@ def init_random_(model: nn.Module, seed: int) -> nn.Module:
 
 
 def inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Flux.1: 3-axis ids, text at 0, a pooled y. FLUX.2: 4-axis ids, text positions on the last axis."""
     c, n = case.config, case.grid
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(n, n, 3)
+    flux2 = isinstance(c, Flux2Config)
+    ids = torch.zeros(n, n, len(c.axes_dim))
     ids[..., 1], ids[..., 2] = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    txt_ids = torch.zeros(1, case.text, len(c.axes_dim))
+    if flux2:
+        txt_ids[..., 3] = torch.arange(case.text)
     x = dict(
         img=torch.randn(1, n * n, c.in_channels, generator=generator),
-        img_ids=ids.reshape(1, n * n, 3),
+        img_ids=ids.reshape(1, n * n, -1),
         txt=torch.randn(1, case.text, c.context_in_dim, generator=generator),
-        txt_ids=torch.zeros(1, case.text, 3),
+        txt_ids=txt_ids,
         timesteps=torch.tensor([0.5]),
-        y=torch.randn(1, c.vec_in_dim, generator=generator),
     )
+    if flux2 and c.use_guidance_embed:
+        x["guidance"] = torch.tensor([4.0])
+    if not flux2:
+        x["y"] = torch.randn(1, c.vec_in_dim, generator=generator)
     x = {k: v.to(device, dtype if k not in ("img_ids", "txt_ids") else torch.float32) for k, v in x.items()}
     concept_txt = torch.randn(1, case.concepts, c.context_in_dim, generator=generator).to(device, dtype)
     return x | {"concept_txt": concept_txt}
@@ -131,14 +154,14 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
     x = inputs(case, device, bf16)
     plain = {k: v for k, v in x.items() if k != "concept_txt"}
     depth = case.config.depth
-    double_layers = list(range(depth))
+    double_layers = list(range(depth))  # the paper's layers; FLUX.2's default (every layer) is timed below
 
     def maps(model: nn.Module) -> torch.Tensor:
         return compute_concept_maps(model, **plain, concept_txt=x["concept_txt"], layers=double_layers)
 
     # fp32 reference, then the bf16 master copy kept on the CPU
     with torch.device(device):
-        model32 = init_random_(Flux(case.config), seed=0).eval()
+        model32 = init_random_(case.model_class(case.config), seed=0).eval()
     with torch.no_grad():
         x32 = {k: v.float() for k, v in plain.items()}
         reference = model32(**x32).float()
@@ -149,7 +172,7 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
     def build(mode: str) -> nn.Module:
         """The model of one mode from the CPU master copy; fp8 is quantised where the blocks will live."""
         with torch.device("meta"):
-            model = Flux(case.config)
+            model = case.model_class(case.config)
         model.load_state_dict(master, assign=True)
         if mode.startswith("offload"):
             return offload_blocks(store_float8(model) if "fp8" in mode else model, device)
@@ -189,10 +212,13 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
         twin = diffusers_twin(resident, device)
         if twin is not None:
             dx = dict(
-                hidden_states=plain["img"], encoder_hidden_states=plain["txt"], pooled_projections=plain["y"],
-                timestep=plain["timesteps"], img_ids=plain["img_ids"][0], txt_ids=plain["txt_ids"][0],
-                return_dict=False,
+                hidden_states=plain["img"], encoder_hidden_states=plain["txt"], timestep=plain["timesteps"],
+                img_ids=plain["img_ids"][0], txt_ids=plain["txt_ids"][0], return_dict=False,
             )
+            if "y" in plain:
+                dx["pooled_projections"] = plain["y"]
+            if "guidance" in plain:
+                dx["guidance"] = plain["guidance"]
             speed["diffusers"] = lambda: twin(**dx)[0]
         timings = {f"{k} forward ms": v * 1e3 for k, v in median_seconds(speed, device, reps).items()}
         speed.clear()  # releases the twin
@@ -231,15 +257,19 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
     return result
 
 
-def diffusers_twin(model: Flux, device: torch.device):
-    """diffusers' FluxTransformer2DModel on the same weights, or None where diffusers is missing."""
+def diffusers_twin(model: nn.Module, device: torch.device):
+    """diffusers' transformer of the same generation on the same weights, or None where diffusers is missing."""
     try:
-        from diffusers import FluxTransformer2DModel
+        from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
     except ImportError:
         return None
+    if isinstance(model, Flux2):
+        cls, config, state = Flux2Transformer2DModel, flux2_diffusers_config(model.config), flux2_bfl_to_diffusers
+    else:
+        cls, config, state = FluxTransformer2DModel, diffusers_config(model.config), bfl_to_diffusers
     with torch.device("meta"):
-        twin = FluxTransformer2DModel(**diffusers_config(model.config))
-    twin.load_state_dict(bfl_to_diffusers(model.state_dict()), strict=True, assign=True)
+        twin = cls(**config)
+    twin.load_state_dict(state(model.state_dict()), strict=True, assign=True)
     return twin.to(device).eval()
 
 

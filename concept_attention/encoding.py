@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,43 @@ def check_concepts(concepts: Sequence[str]) -> list[str]:
     if duplicates:
         raise ValueError(f"duplicate concepts {duplicates!r}: each concept may appear once")
     return [c.strip() for c in concepts]
+
+
+def check_concept_tokens(t5: T5Embedder, concepts: Sequence[str], softmax: bool = True) -> None:
+    """What the tokenizer makes of the concepts: words it knows only as <unk> and concepts with identical
+    token ids get identical embeddings (so identical maps): warn, naming them; when every concept is the
+    same to the model the maps cannot mean anything: error. One concept under softmax is 1.0 everywhere."""
+    tokenizer = t5.tokenizer
+    ids = {c: tuple(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in concepts}
+    unknown = [c for c, pieces in ids.items() if tokenizer.unk_token_id in pieces]
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for concept, pieces in ids.items():
+        groups.setdefault(pieces, []).append(concept)
+    same = [words for words in groups.values() if len(words) > 1]
+    if len(concepts) > 1 and len(groups) == 1:
+        raise ValueError(
+            f"the concepts {list(concepts)!r} all tokenise to the same ids {list(ids[concepts[0]])} "
+            "(words this tokenizer does not know become <unk>): their maps would be identical; use words in "
+            "the model's vocabulary (check the case: the demo vocabulary is lowercase)"
+        )
+    if unknown:
+        warnings.warn(
+            f"the tokenizer knows the concept(s) {unknown!r} only partly or not at all (<unk> tokens): their "
+            "maps describe an unknown word; use words in the model's vocabulary (the demo vocabulary is lowercase)",
+            stacklevel=3,
+        )
+    if same:
+        warnings.warn(
+            "these concepts tokenise to the same ids and get identical maps: "
+            + "; ".join(" = ".join(repr(w) for w in words) for words in same),
+            stacklevel=3,
+        )
+    if len(concepts) == 1 and softmax:
+        warnings.warn(
+            f"a single concept ({concepts[0]!r}) under softmax gets a map of exactly 1.0 everywhere: add concepts "
+            "to compare against (e.g. a background word) or turn softmax off (--no-softmax, softmax=False)",
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()

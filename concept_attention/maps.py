@@ -35,7 +35,10 @@ def linear_normalize(x: Tensor, dim: int) -> Tensor:
 
 
 def dot_scores(concept_vectors: Tensor, image_vectors: Tensor, normalize: str | None) -> Tensor:
-    """(B, r, D) . (B, N, D) -> (B, r, N); `linear` normalises each feature over the concepts first."""
+    """(B, r, D) . (B, N, D) -> (B, r, N) in float32 at least, whatever the model's dtype: in float16 the
+    products overflow 65504 and the softmax returns NaN. `linear` normalises each feature over the concepts first."""
+    precise = torch.promote_types(concept_vectors.dtype, torch.float32)
+    concept_vectors, image_vectors = concept_vectors.to(precise), image_vectors.to(precise)
     if normalize == "linear":
         concept_vectors = linear_normalize(concept_vectors, dim=1)
     return torch.einsum("brd,bnd->brn", concept_vectors, image_vectors)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_CMAP = "plasma"
 
@@ -27,6 +29,8 @@ def heatmap(
     map2d: Tensor, size: tuple[int, int] | None = None, cmap: str = DEFAULT_CMAP, vmin=None, vmax=None
 ) -> Image.Image:
     """(h, w) map -> RGB picture, nearest-upsampled to `size` = (width, height) so every token stays a block."""
+    import matplotlib  # imported on use: it adds most of a second to `import concept_attention`
+
     values = normalize_range(map2d.detach().float().cpu(), vmin, vmax).numpy()
     rgb = (matplotlib.colormaps[cmap](values)[..., :3] * 255).round().astype(np.uint8)
     picture = Image.fromarray(rgb)
@@ -39,7 +43,9 @@ def heatmaps(maps: Tensor, size: tuple[int, int] | None = None, cmap: str = DEFA
     return [heatmap(m, size, cmap, lo, hi) for m in maps]
 
 
-def overlay(image: Image.Image, map2d: Tensor, alpha: float = 0.5, cmap: str = DEFAULT_CMAP, vmin=None, vmax=None) -> Image.Image:
+def overlay(
+    image: Image.Image, map2d: Tensor, alpha: float = 0.5, cmap: str = DEFAULT_CMAP, vmin=None, vmax=None
+) -> Image.Image:
     """The heatmap blended over the image (same size as the image)."""
     colored = heatmap(map2d, image.size, cmap, vmin, vmax)
     return Image.blend(image.convert("RGB"), colored, alpha)
@@ -53,25 +59,34 @@ def concept_grid(
     title: str | None = None,
     cmap: str = DEFAULT_CMAP,
     overlay_alpha: float | None = None,
-) -> plt.Figure:
-    """The image and one titled panel per concept in a row; saved as PNG when `path` is given."""
+) -> Figure:
+    """The image and one titled panel per concept in a row, with one colour bar for the shared range of
+    all panels (or heatmaps blended over the image with `overlay_alpha`); saved as PNG when `path` is given.
+    Titles go through matplotlib's text layout: escape `$` in them (`$` starts mathematics)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     if maps.shape[0] != len(concepts):
         raise ValueError(f"{maps.shape[0]} maps for {len(concepts)} concepts: they must match")
     lo, hi = float(maps.detach().min()), float(maps.detach().max())
-    fig, axes = plt.subplots(1, len(concepts) + 1, figsize=(2.4 * (len(concepts) + 1), 2.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(concepts) + 1, figsize=(2.4 * (len(concepts) + 1) + 0.6, 2.6), squeeze=False, layout="constrained"
+    )
     panels = [("image", image.convert("RGB"))]
     for concept, map2d in zip(concepts, maps):
-        picture = (
-            overlay(image, map2d, overlay_alpha, cmap, lo, hi) if overlay_alpha else heatmap(map2d, image.size, cmap, lo, hi)
-        )
+        if overlay_alpha:
+            picture = overlay(image, map2d, overlay_alpha, cmap, lo, hi)
+        else:
+            picture = heatmap(map2d, image.size, cmap, lo, hi)
         panels.append((concept, picture))
     for ax, (name, picture) in zip(axes[0], panels):
         ax.imshow(picture)
         ax.set_title(name)
         ax.axis("off")
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1), cmap)
+    fig.colorbar(scale, ax=list(axes[0, 1:]), shrink=0.8, label="map value (shared range)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)

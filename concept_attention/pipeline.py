@@ -17,12 +17,13 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-from concept_attention.encoding import check_concepts, encode_concepts
+from concept_attention.encoding import check_concept_tokens, check_concepts, encode_concepts
+from concept_attention.images import to_rgb
 from concept_attention.maps import SPACES, MapAccumulator, check_layers, gaussian_blur3x3, run_concept_layers
 from concept_attention.pictures import heatmaps
 from flux_mini.layers import NO_SITES
-from flux_mini.pipeline import FluxPipeline
-from flux_mini.sampling import euler_step, latent_size, pack, timestep_vector
+from flux_mini.pipeline import FluxPipeline, check_finite, prompt_list
+from flux_mini.sampling import check_seed, euler_step, latent_size, pack, timestep_vector
 
 CONCEPT_POOLED = ("zero", "clip")
 
@@ -71,13 +72,13 @@ class ConceptAttentionPipeline:
     @no_grad_unless_asked
     def generate_image(
         self,
-        prompt: str,
+        prompt: str | list[str],
         concepts: Sequence[str],
-        width: int = 1024,
-        height: int = 1024,
-        num_inference_steps: int = 4,
-        seed: int = 0,
-        guidance: float = 0.0,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        seed: int | torch.Generator = 0,
+        guidance: float | None = None,
         layer_indices: Sequence[int] | None = None,
         timesteps: Sequence[int] | None = None,
         softmax: bool = True,
@@ -94,25 +95,37 @@ class ConceptAttentionPipeline:
         progress: bool = True,
         interventions=None,
         grad: bool = False,
-    ) -> ConceptAttentionOutput:
+    ) -> ConceptAttentionOutput | list[ConceptAttentionOutput]:
         """Generate an image for `prompt` and the maps of `concepts` from the same model calls.
 
+        Unset width, height, steps and guidance come from the model folder, as in FluxPipeline (FLUX.1
+        [schnell]: 1024x1024, 4 steps; [dev]: 50 steps, guidance 3.5; the demo model: its own). A list of
+        prompts gives a list of outputs, prompt i with seed + i (or the next draws of a Generator).
         `timesteps` are indices of the denoising steps whose maps are averaged (None = all);
         `layer_indices` None = the last four double blocks (15-18 on Flux.1). With `return_vectors`,
         the raw concept/image attention outputs of `vector_layers` x `vector_steps` (default: the
         averaged ones) are kept on the CPU. `interventions` (`flux_mini.interp.Interventions`) caches or
         patches named sites at every (or its chosen) steps: `out.cache[step][name]`. Autograd is off unless
         `grad=True`."""
+        options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "seed")}  # the parameters
+        if not isinstance(prompt, str):
+            prompts = prompt_list(prompt)
+            check_seed(seed, len(prompts))
+            offsets = [seed if isinstance(seed, torch.Generator) else seed + i for i in range(len(prompts))]
+            return [self.generate_image(p, seed=s, **options) for p, s in zip(prompts, offsets)]
         flux, model = self.flux, self.flux.model
         concepts = check_concepts(concepts)
+        width, height, num_inference_steps, guidance = flux.settings(width, height, num_inference_steps, guidance)
+        check_seed(seed)
         layers = self._layers(layer_indices)
         steps = self._steps(timesteps, num_inference_steps)
         accumulator = self._accumulator(spaces, softmax, normalize, per_layer, return_vectors, vector_layers, layers)
+        flux.check_memory(height, width, 1, len(concepts))
         txt, txt_ids, y = flux.encode_prompt([prompt])
-        concept_txt, concept_y = self._concept_inputs(concepts, concept_encoding, concept_pooled)
+        concept_txt, concept_y = self._concept_inputs(concepts, concept_encoding, concept_pooled, softmax)
         img, ids = flux.prepare_latents(1, height, width, seed)  # (1, L, 4z), (1, L, 3)
         schedule = flux.timesteps(num_inference_steps, img.shape[1])
-        guidance_vec = timestep_vector(guidance, img) if model.config.guidance_embed else None
+        guidance_vec = None if guidance is None else timestep_vector(guidance, img)
         with flux.on_device(model):
             for step, (t_curr, t_prev) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
                 t_vec = timestep_vector(t_curr, img)
@@ -127,7 +140,8 @@ class ConceptAttentionPipeline:
                 else:
                     pred = model(img, ids, txt, txt_ids, t_vec, y, guidance_vec, sites=sites)
                 img = euler_step(img, pred, t_curr, t_prev)
-        image = flux.to_pil(flux.decode_tokens(img, height, width))[0]
+        check_finite(img, "latents")
+        image = flux.to_pil(check_finite(flux.decode_tokens(img, height, width), "decoded images"))[0]
         return self._output(image, concepts, accumulator, self._token_grid(height, width), blur, interventions)
 
     @no_grad_unless_asked
@@ -140,7 +154,7 @@ class ConceptAttentionPipeline:
         num_steps: int = 4,
         t: float | None = None,
         num_samples: int = 1,
-        seed: int = 0,
+        seed: int | torch.Generator = 0,
         layer_indices: Sequence[int] | None = None,
         softmax: bool = True,
         normalize: str | None = None,
@@ -151,7 +165,7 @@ class ConceptAttentionPipeline:
         concept_encoding: str = "first_token",
         concept_pooled: str = "zero",
         pooled: str = "zero",
-        guidance: float = 0.0,
+        guidance: float | None = None,
         spaces: Sequence[str] = SPACES,
         per_layer: bool = False,
         return_vectors: bool = False,
@@ -165,20 +179,27 @@ class ConceptAttentionPipeline:
 
         `t` defaults to the model's own schedule at index `noise_timestep` (unshifted for schnell:
         index 2 of 4 steps is t = 0.5). The pooled vector of the image/text streams is zero by default
-        (`pooled="zero"`, the authors' protocol) or CLIP(prompt) (`pooled="clip"`). `width`/`height`
-        (multiples of 16) resize the image; by default the image keeps its size. `interventions`
-        (`flux_mini.interp.Interventions`) caches or patches named sites per noise sample (its steps are the
-        sample numbers): `out.cache[sample][name]`; the passes stop after the last map layer. Autograd is
-        off unless `grad=True`."""
+        (`pooled="zero"`, the authors' protocol) or CLIP(prompt) (`pooled="clip"`). The image is resized
+        to `width` x `height` (multiples of 16), by default the model folder's size (1024x1024 for FLUX.1,
+        as the authors' encode_image; the demo model's 32x32); pass image.width and image.height to keep
+        its own size. PIL images are taken the right way up (EXIF), 16-bit and float ones by value range.
+        `guidance` (dev family only) defaults to the folder's. `interventions` (`flux_mini.interp.Interventions`)
+        caches or patches named sites per noise sample (its steps are the sample numbers):
+        `out.cache[sample][name]`; the passes stop after the last map layer. Autograd is off unless `grad=True`."""
         flux, model = self.flux, self.flux.model
         concepts = check_concepts(concepts)
         if pooled not in CONCEPT_POOLED:
             raise ValueError(f"pooled must be one of {CONCEPT_POOLED}, got {pooled!r}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if t is not None and not (isinstance(t, (int, float)) and 0 <= t <= 1):  # NaN fails both comparisons
+            raise ValueError(f"t must be a noise time in [0, 1] (0 = the clean image, 1 = pure noise), got {t!r}")
+        check_seed(seed, num_samples)
+        width, height, _, guidance = flux.settings(width, height, None, guidance)
         layers = self._layers(layer_indices)
         accumulator = self._accumulator(spaces, softmax, normalize, per_layer, return_vectors, vector_layers, layers)
         accumulator.keep_vectors = return_vectors
+        flux.check_memory(height, width, 1, len(concepts))
         picture, pixels = self._image_tensor(image, width, height)
         with flux.on_device(flux.autoencoder):
             clean = pack(flux.autoencoder.encode(pixels.to(flux.device)).to(flux.dtype))  # (1, L, 4z)
@@ -186,7 +207,7 @@ class ConceptAttentionPipeline:
         txt, txt_ids, y = flux.encode_prompt([prompt])
         if pooled == "zero":
             y = torch.zeros_like(y)
-        concept_txt, concept_y = self._concept_inputs(concepts, concept_encoding, concept_pooled)
+        concept_txt, concept_y = self._concept_inputs(concepts, concept_encoding, concept_pooled, softmax)
         if t is None:
             schedule = flux.timesteps(num_steps, clean.shape[1])
             if not 0 <= noise_timestep < len(schedule):
@@ -194,10 +215,11 @@ class ConceptAttentionPipeline:
             t = schedule[noise_timestep]
         with flux.on_device(model):
             for sample in self._progress(range(num_samples), progress):
-                noise, ids = flux.prepare_latents(1, height, width, seed + sample)
+                sample_seed = seed if isinstance(seed, torch.Generator) else seed + sample
+                noise, ids = flux.prepare_latents(1, height, width, sample_seed)
                 noisy = t * noise + (1.0 - t) * clean
                 t_vec = timestep_vector(t, noisy)
-                guidance_vec = timestep_vector(guidance, noisy) if model.config.guidance_embed else None
+                guidance_vec = None if guidance is None else timestep_vector(guidance, noisy)
                 run_concept_layers(
                     model, noisy, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
                     guidance=guidance_vec, concept_y=concept_y, attention=attention, step=sample,
@@ -230,11 +252,14 @@ class ConceptAttentionPipeline:
             vector_layers=frozenset(layers if vector_layers is None else vector_layers) if return_vectors else frozenset(),
         )
 
-    def _concept_inputs(self, concepts: list[str], encoding: str, pooled: str) -> tuple[Tensor, Tensor | None]:
+    def _concept_inputs(
+        self, concepts: list[str], encoding: str, pooled: str, softmax: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """(1, r, context_in_dim) concept embeddings and the concept pooled input (None = zeros)."""
         if pooled not in CONCEPT_POOLED:
             raise ValueError(f"concept_pooled must be one of {CONCEPT_POOLED}, got {pooled!r}")
         flux = self.flux
+        check_concept_tokens(flux.t5, concepts, softmax)
         with flux.on_device(flux.t5, flux.clip):
             concept_txt = encode_concepts(flux.t5, concepts, encoding)[None].to(flux.device, flux.dtype)
             concept_y = flux.clip([" ".join(concepts)]).to(flux.device, flux.dtype) if pooled == "clip" else None
@@ -244,20 +269,17 @@ class ConceptAttentionPipeline:
         h, w = latent_size(height, width, self.flux.autoencoder.downsample_factor)
         return h // 2, w // 2
 
-    def _image_tensor(self, image: Image.Image | Tensor, width: int | None, height: int | None) -> tuple[Image.Image, Tensor]:
-        """A PIL image or a (3, H, W) tensor in [-1, 1] -> (the picture, (1, 3, H, W) in [-1, 1])."""
+    def _image_tensor(self, image: Image.Image | Tensor, width: int, height: int) -> tuple[Image.Image, Tensor]:
+        """A PIL image or a (3, H, W) tensor in [-1, 1] -> (the picture, (1, 3, height, width) in [-1, 1])."""
         if isinstance(image, Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"an image tensor must be (3, H, W) in [-1, 1], got {tuple(image.shape)}")
+            check_finite(image, "image tensor's pixels")
             image = Image.fromarray(((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-        image = image.convert("RGB")
-        size = (width or image.width, height or image.height)
-        multiple = 2 * self.flux.autoencoder.downsample_factor
-        if size[0] % multiple or size[1] % multiple:
-            raise ValueError(
-                f"image size {size[0]}x{size[1]} is not a multiple of {multiple}: pass width= and height= "
-                f"(multiples of {multiple}) to resize it"
-            )
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image must be a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
+        image = to_rgb(image)
+        size = (width, height)
         if size != image.size:
             image = image.resize(size, Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
@@ -283,7 +305,7 @@ class ConceptAttentionPipeline:
             maps = rearrange(maps, "... 1 r (h w) -> ... r h w", h=h, w=w)
             return gaussian_blur3x3(maps) if blur else maps
 
-        means = {space: grid(maps) for space, maps in accumulator.mean().items()}
+        means = {space: check_finite(grid(maps), f"{space} maps") for space, maps in accumulator.mean().items()}
         layer_maps = {s: grid(m) for s, m in accumulator.layer_means().items()} if accumulator.per_layer else None
         concept_maps = means.get("output")
         cross = means.get("cross_attention")

@@ -5,7 +5,6 @@ from flux_mini.checkpoint import CheckpointError
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.flux2 import Flux2, Flux2Config
-from flux_mini.pipeline import FluxPipeline
 
 __all__ = [
     "AutoEncoder",
@@ -20,3 +19,12 @@ __all__ = [
     "load_autoencoder",
     "load_flux",
 ]
+
+
+def __getattr__(name: str):
+    """FluxPipeline on first use: it pulls in the text encoders' libraries, which take seconds to import."""
+    if name == "FluxPipeline":
+        from flux_mini.pipeline import FluxPipeline
+
+        return FluxPipeline
+    raise AttributeError(f"module 'flux_mini' has no attribute {name!r}")

@@ -435,12 +435,14 @@ def load_autoencoder(
     config: AutoEncoderConfig | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    check_finite: bool = False,
 ) -> AutoEncoder:
     """Load a Flux AE strictly from the BFL `ae.safetensors` layout (optionally under a `vae.` or other
     prefix, e.g. in an all-in-one file) or the diffusers `vae/` layout (folder or file).
 
     config=None infers the architecture from the shapes; scale/shift are then the official ones, or
-    those of a diffusers config.json. dtype=None keeps the file's dtype."""
+    those of a diffusers config.json. dtype=None keeps the file's dtype. check_finite=True refuses a NaN
+    or Inf weight, naming it (one read of every weight)."""
     path = _resolve(Path(path))
     tensors = read_safetensors(path)
     factors: dict[str, float] = {}
@@ -468,5 +470,5 @@ def load_autoencoder(
         config = infer_config(tensors, **factors)
     with torch.device("meta"):
         model = AutoEncoder(config)
-    load_strict(model, tensors, dtype=dtype, device=device, description=f"{path} ({layout})")
+    load_strict(model, tensors, dtype=dtype, device=device, description=f"{path} ({layout})", check_finite=check_finite)
     return model.eval()

@@ -49,6 +49,13 @@ class CheckpointError(ValueError):
 # One file
 
 
+PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save's zip container, a bare pickle
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _parse_file(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str], int]:
     """-> ({name: (dtype, shape, data begin)}, __metadata__, byte offset of the data), all checked."""
     size = path.stat().st_size
@@ -58,9 +65,16 @@ def _parse_file(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]]
             raise CheckpointError(f"{path} is not a safetensors file: it is only {size} bytes long")
         (n,) = struct.unpack("<Q", prefix)
         if n > min(size - 8, MAX_HEADER_BYTES):
+            f.seek(8)
+            starts_like_json = f.read(1) == b"{"
+            if prefix.startswith(PICKLE_MAGICS) or not starts_like_json or n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path} is not a safetensors file: its first 8 bytes give a header length of {n} bytes, "
+                    f"but the file has {size} bytes (a pickle .pt/.ckpt file? convert it to .safetensors first)"
+                )
             raise CheckpointError(
-                f"{path} is not a safetensors file: its first 8 bytes give a header length of {n} bytes, "
-                f"but the file has {size} bytes (a pickle .pt/.ckpt file? convert it to .safetensors first)"
+                f"{path} is a truncated or corrupt safetensors file: its header should be {n} bytes long but "
+                f"only {size - 8} bytes follow; the download or copy was interrupted, fetch the file again"
             )
         raw = f.read(n)
     try:
@@ -72,23 +86,47 @@ def _parse_file(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]]
 
     data_start, data_size = 8 + n, size - 8 - n
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: its __metadata__ is not a JSON object of strings; the file is corrupt")
     entries = {}
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {info!r}") from None
-        if dtype not in DTYPES:
+        malformed = f"{path}: malformed header entry for tensor {name!r}: {info!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{malformed} (needs dtype, shape and data_offsets); the file is corrupt")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(_is_count(s) for s in shape)):
+            raise CheckpointError(f"{malformed} (shape must be a list of non-negative integers); the file is corrupt")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise CheckpointError(f"{malformed} (data_offsets must be two non-negative integers); the file is corrupt")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, not one of {sorted(DTYPES)}")
+        (begin, end), shape = offsets, tuple(shape)
         if end > data_size:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has only "
                 f"{size} bytes; the download or copy was interrupted, fetch the file again"
             )
-        if end - begin != math.prod(shape) * DTYPES[dtype].itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, not {dtype} {list(shape)}")
+        if end - begin != (needed := math.prod(shape) * DTYPES[dtype].itemsize):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has data_offsets {offsets} ({end - begin} bytes), but {dtype} "
+                f"{list(shape)} needs {needed} bytes; the file is corrupt, write or fetch it again"
+            )
         entries[name] = (dtype, shape, begin)
+    _refuse_overlaps(path, {name: tuple(info["data_offsets"]) for name, info in header.items()})
     return entries, metadata, data_start
+
+
+def _refuse_overlaps(path: Path, spans: dict[str, tuple[int, int]]) -> None:
+    """Two tensors sharing bytes would alias each other (an edit of one changes the other): refuse."""
+    previous_name, previous_end = None, 0
+    for name, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
+        if begin < previous_end and end > begin:
+            raise CheckpointError(
+                f"{path}: the data of tensors {previous_name!r} and {name!r} overlap (bytes {begin}..{previous_end}); "
+                "the header is corrupt or hand-made, write the file again with safetensors"
+            )
+        if end > previous_end:
+            previous_name, previous_end = name, end
 
 
 def _map_file(path: Path) -> dict[str, Tensor]:
@@ -141,6 +179,17 @@ def _locate(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"{index} is not a shard index (expected JSON with a 'weight_map')") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: its 'weight_map' must be a JSON object mapping tensor names to shard file names, got "
+            f"{type(weight_map).__name__} {str(weight_map)[:80]}; download the index again"
+        )
+    outside = sorted({name for name in weight_map.values() if not _is_plain_file_name(name)})
+    if outside:
+        raise CheckpointError(
+            f"{index} names shard files outside its own folder ({', '.join(outside[:3])}); an index may only "
+            f"name files beside it: move the shards into {index.parent} and list them by file name"
+        )
     shards = [index.parent / name for name in sorted(set(weight_map.values()))]
     missing = [p.name for p in shards if not p.exists()]
     if missing:
@@ -149,6 +198,11 @@ def _locate(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:
             f"{', '.join(missing[:5])}; download every shard listed in the index"
         )
     return shards, weight_map
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """A bare file name such as `model-00001-of-00003.safetensors`: no folders, no `..`, not absolute."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and ":" not in name
 
 
 def _merge(per_file: dict[Path, dict], weight_map: dict[str, str] | None) -> dict:
@@ -213,11 +267,13 @@ def load_strict(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     description: str = "",
+    check_finite: bool = False,
 ) -> nn.Module:
     """Make the checkpoint the model's parameters: same keys, same shapes, or one CheckpointError.
 
     `model` is normally built on the meta device. Tensors are assigned as they are (keeping the file's
-    dtype and, for mapped files, its pages) unless `dtype`/`device` ask for a cast or move."""
+    dtype and, for mapped files, its pages) unless `dtype`/`device` ask for a cast or move.
+    check_finite=True reads every weight once (after the cast) and refuses NaN or Inf values."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -240,6 +296,8 @@ def load_strict(
 
     device = torch.device(device)
     state = {k: tensors[k].to(device=device, dtype=dtype if dtype is not None else tensors[k].dtype) for k in expected}
+    if check_finite:
+        refuse_non_finite(state, description or type(model).__name__)
     model.load_state_dict(state, strict=True, assign=True)
     left_on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left_on_meta:
@@ -248,3 +306,14 @@ def load_strict(
             f"({', '.join(left_on_meta[:5])}): non-persistent buffers are not in checkpoints, recompute them"
         )
     return model
+
+
+def refuse_non_finite(tensors: Mapping[str, Tensor], source: str) -> None:
+    """CheckpointError naming the first tensor with a NaN or Inf value (one read of every float tensor)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has {nan} NaN and {inf} infinite value(s) of {tensor.numel()}; "
+                "the weights are corrupt (or overflow the requested dtype): fetch or export them again"
+            )

@@ -51,6 +51,10 @@ from flux_mini.layers import (
 # Configuration
 
 
+def _is_positive(value, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class FluxConfig:
     """Hyperparameters, with the field names of the official code."""
@@ -71,6 +75,12 @@ class FluxConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        sizes = ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads")
+        bad = [f"{name} {getattr(self, name)!r}" for name in sizes if not _is_positive(getattr(self, name), int)]
+        bad += [f"{name} {getattr(self, name)!r}" for name in ("mlp_ratio", "theta")
+                if not _is_positive(getattr(self, name))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive (sizes and head counts integers)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:

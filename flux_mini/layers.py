@@ -226,12 +226,16 @@ def few_token_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
 def concept_layer(
     stream: ConceptStream, concept_out: Tensor, k_c: Tensor, v_c: Tensor, img_q: Tensor, img_v: Tensor, img_out: Tensor
 ) -> ConceptLayer:
-    """Package one block's concept results with the baselines the stream asked for; img_q is pre-RoPE."""
+    """Package one block's concept results with the baselines the stream asked for; img_q is pre-RoPE.
+    The cross-attention scores are computed in float32 at least: in float16 these products overflow 65504."""
+    precise = upcast(img_q.dtype)
     return ConceptLayer(
         concept_out=concept_out,
         image_out=img_out,
         stream=stream,
-        cross_attention=torch.einsum("bhnd,bhrd->bhrn", img_q, k_c) if stream.cross_attention else None,
+        cross_attention=torch.einsum("bhnd,bhrd->bhrn", img_q.to(precise), k_c.to(precise))
+        if stream.cross_attention
+        else None,
         concept_values=merge_heads(v_c) if stream.values else None,
         image_values=merge_heads(img_v) if stream.values else None,
     )

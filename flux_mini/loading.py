@@ -246,10 +246,13 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         shapes = {k: tuple(t.shape) for k, t in generation.to_bfl(meta).items()}
     dtypes = tuple(sorted({dtype for k, (dtype, _) in header.items() if k.startswith(prefix)}))
     stored = read_metadata(path).get(METADATA_KEY)
-    try:
-        config = _config_from_json(generation, stored, path) if stored else generation.infer_config(shapes)
-    except CheckpointError:
-        config = None
+    if stored:
+        config = _config_from_json(generation, stored, path)  # a broken stored config is the file's fault: say so
+    else:
+        try:
+            config = generation.infer_config(shapes)
+        except CheckpointError:
+            config = None
     return CheckpointInfo(Path(path), generation, layout, prefix, shapes, dtypes, config)
 
 
@@ -289,13 +292,16 @@ def load_flux(
     config: Any = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    check_finite: bool = False,
 ) -> nn.Module:
     """The file's transformer (`Flux` or `Flux2`) with the checkpoint's tensors as parameters: memory-mapped,
     in the file's dtype unless `dtype` is given. Peak memory is about one copy of the weights (diffusers
     layout: plus its fused parts). `config`: a config or preset name of the file's generation, or None.
 
     fp8 files (BFL layout): the Linear weights stay in fp8 with their scales and compute in bf16
-    (`flux_mini.lowmem`); `dtype=` dequantizes everything instead."""
+    (`flux_mini.lowmem`); `dtype=` dequantizes everything instead. check_finite=True refuses a NaN or Inf
+    weight, naming it; it reads the whole file once, which costs more than the (lazy, mapped) load itself,
+    hence opt-in."""
     info = inspect_checkpoint(path)
     generation, description = info.generation, info.describe()
     if config is None:
@@ -322,7 +328,9 @@ def load_flux(
             tensors, _ = prepare_float8(model, tensors)
         except ValueError as e:
             raise CheckpointError(f"{description}: {e}") from None
-    return load_strict(model, tensors, dtype=dtype, device=device, description=description).eval()
+    return load_strict(
+        model, tensors, dtype=dtype, device=device, description=description, check_finite=check_finite
+    ).eval()
 
 
 def save_flux(model: nn.Module, path: str | Path, layout: str = "bfl") -> None:

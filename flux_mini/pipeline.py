@@ -6,7 +6,9 @@ A model folder is either the official single-file layout
     ae.safetensors        the autoencoder   (or identity-autoencoder.json for a pixel-space model)
     t5/  clip/            tokenizer + encoder folders (also: text_encoder_2/ + tokenizer_2/ for T5,
                           text_encoder/ + tokenizer/ for CLIP, as in the FLUX.1 Hugging Face repos)
-    sampling.json         optional overrides of the variant's defaults, e.g. {"t5_max_length": 32}
+    sampling.json         optional overrides of the variant's defaults, e.g. {"t5_max_length": 32, "width": 64,
+                          "height": 64, "num_steps": 8} for a model made for another size (the only source of
+                          defaults: both CLIs and both pipelines read them from here)
 
 or a diffusers snapshot (transformer/, vae/, text_encoder/ = CLIP, text_encoder_2/ = T5, tokenizer/,
 tokenizer_2/). A top-level flux1-*.safetensors wins over transformer/, ae.safetensors over vae/.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -27,7 +30,18 @@ from flux_mini.autoencoder import AutoEncoder, IdentityAutoEncoder, load_autoenc
 from flux_mini.convert import config_from_diffusers
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
-from flux_mini.sampling import denoise, get_noise, get_schedule, image_ids, latent_size, pack, text_ids, unpack
+from flux_mini.memory import RunSize, RunTooLargeError, available_bytes, estimate_bytes, fitting_size, gib
+from flux_mini.sampling import (
+    check_seed,
+    denoise,
+    get_noise,
+    get_schedule,
+    image_ids,
+    latent_size,
+    pack,
+    text_ids,
+    unpack,
+)
 from flux_mini.text_encoders import CLIPEmbedder, MissingFilesError, T5Embedder
 
 
@@ -40,6 +54,18 @@ class SamplingDefaults:
     shift: bool  # resolution-dependent schedule shift
     guidance: float  # used only by guidance-distilled (dev-family) models
     clip_max_length: int = 77
+    width: int = 1024  # the image size the model was made for: generation, and the resize of encoded images
+    height: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("t5_max_length", "num_steps", "clip_max_length", "width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"sampling default {name} must be a positive integer, got {value!r}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(
+            self.guidance
+        ):
+            raise ValueError(f"sampling default guidance must be a finite number, got {self.guidance!r}")
 
 
 VARIANTS = {
@@ -133,10 +159,20 @@ def _sampling_defaults(variant: str, overrides: Path | None) -> SamplingDefaults
     if overrides is None:
         return VARIANTS[variant]
     values = _read_json(overrides)
+    if not isinstance(values, dict):
+        raise ValueError(f"{overrides} must hold a JSON object such as {{\"num_steps\": 8}}, got {values!r}")
     known = {f.name for f in fields(SamplingDefaults)}
     if unknown := sorted(set(values) - known):
         raise ValueError(f"{overrides}: unknown keys {unknown}; allowed keys are {sorted(known)}")
-    return replace(VARIANTS[variant], **values)
+    try:
+        return replace(VARIANTS[variant], **values)
+    except ValueError as e:
+        raise ValueError(f"{overrides}: {e}") from None
+
+
+def read_sampling_defaults(folder: str | Path, variant: str = "schnell") -> SamplingDefaults:
+    """A model folder's defaults without loading it: its sampling.json over the variant's."""
+    return _sampling_defaults(variant, _optional(Path(folder) / "sampling.json"))
 
 
 def _flux_config(files: ModelFiles) -> FluxConfig | None:
@@ -155,6 +191,48 @@ def _flux_config(files: ModelFiles) -> FluxConfig | None:
         return config_from_diffusers(c)
     except KeyError as e:
         raise ValueError(f"{diffusers_config} lacks {e}: it is not a diffusers FluxTransformer2DModel config") from None
+
+
+@contextlib.contextmanager
+def quiet_transformers(logging: bool = False):
+    """transformers' weight-loading bars off for the block (they print once per encoder, ignore `progress`
+    and warn about IProgress in notebooks without widgets); with `logging` its log lines below errors too.
+    Its previous state comes back after the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if logging:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+class NonFiniteError(ValueError):
+    """A result holds NaN or Inf values; raised instead of writing a black image or empty maps."""
+
+
+def check_finite(tensor: Tensor, what: str) -> Tensor:
+    """Refuse NaN/Inf in `tensor`, naming the likely causes."""
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise NonFiniteError(
+            f"the {what} hold {bad} NaN/Inf values of {tensor.numel()}: the weights may hold non-finite values, "
+            "t or guidance may be NaN/out of range, or float16 overflowed (use bfloat16 or float32)"
+        )
+    return tensor
+
+
+def prompt_list(prompt: str | list[str]) -> list[str]:
+    """One prompt or a list of prompts -> a non-empty list of strings (never a tokenizer's sentence pair)."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return list(prompts)
 
 
 class FluxPipeline:
@@ -221,8 +299,9 @@ class FluxPipeline:
             autoencoder = load_autoencoder(files.autoencoder, dtype=torch.float32, device=load_device)
         variant = variant or ("dev" if model.config.guidance_embed else "schnell")
         defaults = _sampling_defaults(variant, files.sampling)
-        t5 = T5Embedder(files.t5, defaults.t5_max_length, dtype, load_device, files.t5_tokenizer)
-        clip = CLIPEmbedder(files.clip, defaults.clip_max_length, dtype, load_device, files.clip_tokenizer)
+        with quiet_transformers():
+            t5 = T5Embedder(files.t5, defaults.t5_max_length, dtype, load_device, files.t5_tokenizer)
+            clip = CLIPEmbedder(files.clip, defaults.clip_max_length, dtype, load_device, files.clip_tokenizer)
         return cls(model, autoencoder, t5, clip, defaults, variant, device, dtype, offload)
 
     # ------------------------------------------------------------------------------------------
@@ -252,16 +331,63 @@ class FluxPipeline:
                     f"factor {self.autoencoder.downsample_factor}); use e.g. {lower} or {upper}"
                 )
 
+    def memory_estimate(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> dict[str, int]:
+        """Bytes each stage of a run at this size needs beyond the weights (see flux_mini/memory.py)."""
+        config, autoencoder = self.model.config, self.autoencoder
+        h, w = latent_size(height, width, autoencoder.downsample_factor)
+        size = RunSize(
+            batch=batch,
+            image_tokens=(h // 2) * (w // 2),
+            text_tokens=self.t5.max_length,
+            hidden=config.hidden_size,
+            heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            token_channels=config.in_channels,
+            dtype_bytes=self.dtype.itemsize,
+            concepts=concepts,
+            pixels=height * width,
+            autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0]
+            if isinstance(autoencoder, AutoEncoder)
+            else 0,
+            t5_heads=self.t5.model.config.num_heads,
+        )
+        return estimate_bytes(size)
+
+    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
+        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
+        available = available_bytes(self.device) if available is None else available
+        parts = self.memory_estimate(height, width, batch, concepts)
+        if max(parts.values()) <= available:
+            return
+        detail = ", ".join(f"{name} {gib(count)}" for name, count in parts.items())
+        what = f"a batch of {batch} at {width}x{height}" if batch > 1 else f"{width}x{height}"
+        multiple = 2 * self.autoencoder.downsample_factor
+        fits = fitting_size(
+            height, width, multiple, lambda h, w: max(self.memory_estimate(h, w, batch, concepts).values()), available
+        )
+        fix = (
+            f"use a size that fits, e.g. width {fits[1]} and height {fits[0]}"
+            if fits
+            else f"no image size fits: lower t5_max_length ({self.t5.max_length}) in the folder's sampling.json"
+        )
+        raise RunTooLargeError(
+            f"{what} needs about {gib(max(parts.values()))} ({detail}) but {self.device} has {gib(available)} "
+            f"free; {fix}"
+        )
+
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Prompts -> txt (B, T, d_T5), txt_ids (B, T, 3), y (B, d_CLIP), in the pipeline dtype on the device."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         with self.on_device(self.t5, self.clip):
             txt = self.t5(prompts).to(self.device, self.dtype)
             y = self.clip(prompts).to(self.device, self.dtype)
         return txt, text_ids(len(prompts), txt.shape[1], self.device), y
 
-    def prepare_latents(self, num_samples: int, height: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
-        """Seeded noise, packed: img (B, L, 4z) in the pipeline dtype and img_ids (B, L, 3), on the device."""
+    def prepare_latents(
+        self, num_samples: int, height: int, width: int, seed: int | torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Seeded noise, packed: img (B, L, 4z) in the pipeline dtype and img_ids (B, L, 3), on the device.
+        An integer seed gives sample i the noise of seed + i; a torch.Generator draws on its own device."""
         self.check_size(height, width)
         noise = get_noise(
             num_samples,
@@ -321,29 +447,54 @@ class FluxPipeline:
 
     # ------------------------------------------------------------------------------------------
 
+    def settings(
+        self, width: int | None, height: int | None, num_steps: int | None, guidance: float | None
+    ) -> tuple[int, int, int, float | None]:
+        """Fill unset settings from the folder's defaults (one source for every entry point) and check them:
+        (width, height, num_steps, guidance); guidance is None for models without a guidance embedder."""
+        width = self.defaults.width if width is None else width
+        height = self.defaults.height if height is None else height
+        self.check_size(height, width)
+        num_steps = self.defaults.num_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1 (None for the default {self.defaults.num_steps}), "
+                             f"got {num_steps!r}")
+        if not self.model.config.guidance_embed:
+            guidance = None
+        elif guidance is None:
+            guidance = self.defaults.guidance
+        elif not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        return width, height, num_steps, guidance
+
     def __call__(
         self,
         prompt: str | list[str],
-        width: int = 1024,
-        height: int = 1024,
+        width: int | None = None,
+        height: int | None = None,
         num_steps: int | None = None,
         guidance: float | None = None,
-        seed: int = 0,
+        seed: int | torch.Generator = 0,
         progress: bool = True,
         interventions=None,
     ) -> Image.Image | list[Image.Image]:
         """Generate one image per prompt (a PIL image for a string, a list for a list).
 
-        width and height must be multiples of 16 (of 2 x the AE downsample factor): ValueError otherwise.
-        num_steps and guidance default to the variant's; schnell models ignore guidance. `interventions`
-        (`flux_mini.interp.Interventions`) caches or patches named sites at every (or chosen) denoising
-        steps; the cache stays on it (`interventions.cache[step][name]`). Runs without autograd."""
-        self.check_size(height, width)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        Unset width, height, num_steps and guidance come from the model folder (sampling.json, else the
+        variant's: 1024x1024, 4 steps for schnell, 50 steps and guidance 3.5 for dev); schnell models ignore
+        guidance. Sizes must be multiples of 16 (of 2 x the AE downsample factor). Prompt i of a list uses
+        seed + i, so a list gives the images of a loop; a torch.Generator draws the whole batch from it.
+        `interventions` (`flux_mini.interp.Interventions`) caches or patches named sites at every (or chosen)
+        denoising steps; the cache stays on it (`interventions.cache[step][name]`). Runs without autograd."""
+        prompts = prompt_list(prompt)
+        width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
+        check_seed(seed, len(prompts))
+        self.check_memory(height, width, len(prompts))
         with torch.no_grad():
             txt, txt_ids, y = self.encode_prompt(prompts)
             img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
-            timesteps = self.timesteps(num_steps or self.defaults.num_steps, img.shape[1])
+            timesteps = self.timesteps(num_steps, img.shape[1])
             tokens = self.denoise(img, img_ids, txt, txt_ids, y, timesteps, guidance, progress, interventions)
-            images = self.to_pil(self.decode_tokens(tokens, height, width))
+            tokens = check_finite(tokens, "latents")
+            images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "decoded images"))
         return images[0] if isinstance(prompt, str) else images

@@ -1,8 +1,9 @@
 """Rectified-flow sampling for Flux: noise, 2x2 token packing, position ids, the time schedule, Euler steps.
 
-Conventions follow `shared/spec/flux-format.md` §5: noise from a CPU generator in the latent dtype, latent
-grid 2*ceil(H / 2f) x 2*ceil(W / 2f), tokens in row-major patch order with features (c, py, px), schedule
-linspace(1, 0) optionally shifted by a resolution-dependent mu, and `x <- x + (t_prev - t_curr) * v`.
+Conventions follow `shared/spec/flux-format.md` §5: noise from a CPU generator in the latent dtype (sample i
+of a batch from seed + i), latent grid 2*ceil(H / 2f) x 2*ceil(W / 2f), tokens in row-major patch order with
+features (c, py, px), schedule linspace(1, 0) optionally shifted by a resolution-dependent mu, and
+`x <- x + (t_prev - t_curr) * v`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,23 @@ def latent_size(height: int, width: int, downsample_factor: int = 8) -> tuple[in
     return 2 * math.ceil(height / patch), 2 * math.ceil(width / patch)
 
 
+SEED_LIMIT = 2**64  # torch generators take seeds in [0, 2**64); larger ones would wrap around silently
+
+
+def check_seed(seed, num_samples: int = 1) -> None:
+    """A seed is an int with 0 <= seed and seed + num_samples - 1 < 2**64 (sample i uses seed + i), or a
+    torch.Generator. Anything else (a float, a bool, a seed that wraps around) is refused."""
+    if isinstance(seed, torch.Generator):
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(
+            f"seed must be an integer in [0, 2**64) or a torch.Generator, got {seed!r} ({type(seed).__name__})"
+        )
+    if not 0 <= seed or seed + num_samples - 1 >= SEED_LIMIT:
+        last = f" (and seed + {num_samples - 1} for the last of {num_samples} samples)" if num_samples > 1 else ""
+        raise ValueError(f"seed {seed} is outside [0, 2**64){last}: torch would wrap it around; pick a smaller seed")
+
+
 def get_noise(
     num_samples: int,
     height: int,
@@ -33,16 +51,24 @@ def get_noise(
     channels: int = 16,
     downsample_factor: int = 8,
     dtype: torch.dtype = torch.bfloat16,
-    seed: int,
+    seed: int | torch.Generator,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Standard normal latent (B, C, h, w), drawn in `dtype` from a seeded CPU generator, then moved.
+    """Standard normal latent (B, C, h, w) in `dtype` on `device`.
 
-    Drawing on the CPU makes an image depend only on the seed, not on the device it is sampled on."""
+    An integer seed draws sample i from a CPU generator seeded with seed + i, so an image depends only
+    on its seed (not on the device, nor on the batch it is part of: a batch equals a loop). A
+    torch.Generator draws the whole batch from that generator, on its device, as diffusers does."""
+    check_seed(seed, num_samples)
     h, w = latent_size(height, width, downsample_factor)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(num_samples, channels, h, w, generator=generator, dtype=dtype)
-    return noise.to(device)
+    if isinstance(seed, torch.Generator):
+        noise = torch.randn(num_samples, channels, h, w, generator=seed, dtype=dtype, device=seed.device)
+        return noise.to(device)
+    samples = [
+        torch.randn(1, channels, h, w, generator=torch.Generator(device="cpu").manual_seed(seed + i), dtype=dtype)
+        for i in range(num_samples)
+    ]
+    return torch.cat(samples).to(device)
 
 
 def pack(latent: Tensor) -> Tensor:
@@ -95,8 +121,8 @@ def get_schedule(
 
     `shift` (every model but schnell) bends the schedule towards high noise, more so for larger images,
     because more tokens carry more redundant signal at the same noise level."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float32)
     if shift:
         mu = get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len)

@@ -247,7 +247,7 @@ def export_folder(model: Flux, text_folder: Path, out: Path, dtype: torch.dtype 
     out.mkdir(parents=True, exist_ok=True)
     export_transformer(model, out, "flux1-demo", dtype=dtype)
     IdentityAutoEncoder(channels=3).save_json(out / "identity-autoencoder.json")
-    (out / "sampling.json").write_text(json.dumps({"t5_max_length": T5_MAX_LENGTH, "num_steps": 16}) + "\n")
+    (out / "sampling.json").write_text(json.dumps({"t5_max_length": T5_MAX_LENGTH, "num_steps": 16, "width": 32, "height": 32}) + "\n")
     for name in ("t5", "clip"):
         shutil.copytree(text_folder / name, out / name, dirs_exist_ok=True)
     return out

@@ -67,11 +67,11 @@ def test_raw_vectors_only_for_chosen_layers_and_steps(pipe):
 def test_encode_options(pipe):
     image = Image.new("RGB", (48, 32), (20, 160, 30))
     out = pipe.encode_image(image, CONCEPTS, per_layer=True, layer_indices=[0, 2, 3], blur=True, normalize="linear",
-                            return_vectors=True, vector_layers=[2])
+                            return_vectors=True, vector_layers=[2], width=48, height=32)
     assert out.concept_maps.shape == (3, 8, 12)
     assert out.layer_maps["output"].shape == (3, 3, 8, 12)
     assert [v["layer"] for v in out.vectors] == [2]
-    raw = pipe.encode_image(image, CONCEPTS, softmax=False, spaces=["output"])
+    raw = pipe.encode_image(image, CONCEPTS, softmax=False, spaces=["output"], width=48, height=32)
     assert raw.cross_attention_maps is None and not torch.allclose(raw.concept_maps.sum(0), torch.ones(8, 12))
 
 
@@ -94,7 +94,7 @@ def test_mean_concept_encoding_uses_the_concepts_own_tokens(pipe):
         (lambda p: p.generate_image("x", ["a"], width=30, height=32), "multiple of"),
         (lambda p: p.generate_image("x", ["a"], width=32, height=32, layer_indices=[99]), "do not exist"),
         (lambda p: p.generate_image("x", ["a"], width=32, height=32, timesteps=[7]), "step indices"),
-        (lambda p: p.encode_image(Image.new("RGB", (30, 30)), ["a"]), "multiple of"),
+        (lambda p: p.encode_image(Image.new("RGB", (30, 30)), ["a"], width=30, height=32), "multiple of"),
         (lambda p: p.encode_image(Image.new("RGB", (32, 32)), ["a"], num_samples=0), "num_samples"),
         (lambda p: p.encode_image(Image.new("RGB", (32, 32)), ["a"], concept_encoding="last"), "concept encoding"),
     ],
@@ -107,7 +107,7 @@ def test_bad_input_is_named(pipe, call, message):
 def test_cli_generate_and_encode_write_pictures(weights, tmp_path, capsys):
     assert main(["generate", "--weights", str(weights), "--prompt", "a circle", "--concepts", *CONCEPTS,
                  "--out", str(tmp_path / "gen"), "--width", "32", "--height", "32"]) == 0
-    for name in ("image.png", "concept_maps.png", "cross_attention_maps.png", "heatmap_sky.png", "maps.pt"):
+    for name in ("image.png", "concept_maps.png", "cross_attention_maps.png", "heatmap_02_sky.png", "maps.pt"):
         assert (tmp_path / "gen" / name).stat().st_size > 0
     assert main(["encode", "--weights", str(weights), "--image", str(tmp_path / "gen" / "image.png"),
                  "--concepts", *CONCEPTS, "--out", str(tmp_path / "enc")]) == 0

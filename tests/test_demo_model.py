@@ -39,7 +39,9 @@ def test_shipped_weights_load_strictly_in_the_official_layout(folder):
 def test_demo_settings_describe_the_shipped_model():
     demo = demo_model(announce=False)
     assert demo.trained and demo.weights == DEMO_WEIGHTS
-    assert demo.image_size % 2 == 0 and demo.num_steps >= 1
+    assert (demo.image_size, demo.num_steps) == (32, 16)  # what it was trained for, from its sampling.json
+    pipe = FluxPipeline.from_folder(DEMO_WEIGHTS)
+    assert (pipe.defaults.width, pipe.defaults.height, pipe.defaults.num_steps) == (32, 32, 16)  # the same source
     assert demo.concepts and all(word in demo.prompt for word in demo.concepts[:2])
 
 
@@ -58,5 +60,7 @@ def test_readme_first_command_writes_its_pictures(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "embedded demo model" in run.stdout
-    for name in ("image.png", "concept_maps.png", "cross_attention_maps.png", *(f"heatmap_{c}.png" for c in concepts)):
+    heatmaps = [f"heatmap_{i:02d}_{c}.png" for i, c in enumerate(concepts)]
+    for name in ("maps.pt", "concept_maps.npy", "image.png", "concept_maps.png", "cross_attention_maps.png", *heatmaps):
         assert (out / name).stat().st_size > 0, name
+        assert name in run.stdout  # the output message names every file

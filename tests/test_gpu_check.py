@@ -15,7 +15,15 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys, monkeypatch):
     spec.loader.exec_module(gpu_check)
     gpu_check.main(["--tiny", "--device", "cpu", "--no-compile", "--reps", "1", "--json", str(tmp_path / "out.json")])
 
-    (case,) = json.loads((tmp_path / "out.json").read_text())
+    cases = json.loads((tmp_path / "out.json").read_text())
+    assert [case["case"] for case in cases] == ["flux1-tiny", "flux2-tiny"]
+    for case in cases:
+        check(case)
+    printed = capsys.readouterr().out
+    assert "| offload fp8 |" in printed and "flux_mini / diffusers" in printed
+
+
+def check(case: dict) -> None:
     modes = case["modes"]
     assert set(modes) == {"bf16", "fp8", "offload bf16", "offload fp8"}
     # offload changes where weights live, never the result
@@ -30,5 +38,3 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys, monkeypatch):
     assert 0 <= modes["fp8"]["argmax_changed_vs_bf16"] <= 1
     assert case["speed"]["flux_mini / diffusers"] > 0
     assert case["concepts"]["forward + maps / forward"] > 1
-    printed = capsys.readouterr().out
-    assert "| offload fp8 |" in printed and "flux_mini / diffusers" in printed

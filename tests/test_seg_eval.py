@@ -173,7 +173,7 @@ def test_resume_after_interruption_is_identical(tmp_path):
     out = tmp_path / "resumed"
     with pytest.raises(Interrupted):                     # 2 passes per image: dies inside image 3
         evaluate(data, PaintedProvider(noise=0.4, fail_after=5), config, out, progress=False, plots=False)
-    assert sorted(load_records(out)) == [0, 1]
+    assert sorted(load_records(out)) == ["img0", "img1"]
     with open(out / "results.rank0.jsonl", "a") as file:  # a line cut short by a kill
         file.write('{"index": 2, "image_id": "img2", "sco')
     provider = PaintedProvider(noise=0.4)
@@ -222,7 +222,7 @@ def test_predict_background_by_hand(tmp_path):
                        progress=False, plots=False)
     row = summary["predict_background"]
     # 15 scored pixels, all predicted "sky": 9 right, 4 circle and 2 square pixels wrong
-    confusion = np.asarray(load_records(tmp_path)[0]["scores"]["predict_background"]["confusion"])
+    confusion = np.asarray(load_records(tmp_path)["img0"]["scores"]["predict_background"]["confusion"])
     expected = np.zeros((4, 4), np.int64)
     expected[1:, 1] = [9, 4, 2]
     assert np.array_equal(confusion, expected)
@@ -299,7 +299,7 @@ def test_resume_with_a_baseline_is_identical(tmp_path):
     with pytest.raises(Interrupted):                     # the baseline dies on image 3, after the model's pass
         evaluate(data, PaintedProvider(noise=0.3), config, out, progress=False, plots=False,
                  baseline=PaintedProvider(noise=0.6, fail_after=3))
-    assert sorted(load_records(out)) == [0, 1, 2]
+    assert sorted(load_records(out)) == ["img0", "img1", "img2"]
     trained, untrained = PaintedProvider(noise=0.3), PaintedProvider(noise=0.6)
     resumed = evaluate(data, trained, config, out, progress=False, plots=False, baseline=untrained)
     assert len(trained.calls) == len(untrained.calls) == 2
@@ -393,7 +393,7 @@ def test_tiny_model_end_to_end(tiny_weights, tiny_run):
     predicted = np.array([words.index(concepts[k]) for k in range(len(concepts))])[maps.argmax(0).numpy()]
     expected = np.zeros((len(words), len(words)), np.int64)
     np.add.at(expected, (truth.ravel(), predicted.ravel()), 1)
-    record = load_records(tiny_run)[0]
+    record = load_records(tiny_run)["shapes-3-0"]
     assert np.array_equal(np.asarray(record["scores"]["concept_attention"]["confusion"]), expected)
 
 
@@ -411,7 +411,7 @@ def test_tiny_model_two_torchrun_processes_merge_exactly(tiny_weights, tiny_run,
     assert result.returncode == 0, result.stderr[-3000:]
     assert [len(load_records_file(out / f"results.rank{r}.jsonl")) for r in (0, 1)] == [1, 1]
     single, sharded = load_records(tiny_run), load_records(out)
-    assert sorted(single) == sorted(sharded) == [0, 1]
+    assert sorted(single) == sorted(sharded) == ["shapes-3-0", "shapes-3-1"]
     for index in single:
         for key, scores in single[index]["scores"].items():
             assert scores["confusion"] == sharded[index]["scores"][key]["confusion"]

@@ -6,8 +6,10 @@ import shutil
 import pytest
 import sentencepiece as spm
 import torch
+from safetensors.torch import load_file, save_file
 
-from flux_mini.text_encoders import CLIPEmbedder, MissingFilesError, T5Embedder
+from flux_mini.checkpoint import CheckpointError
+from flux_mini.text_encoders import CLIPEmbedder, MissingFilesError, T5Embedder, TextEncoderError
 from flux_mini.tiny import TINY_WORDS, build_tiny_clip, build_tiny_t5
 
 
@@ -132,3 +134,85 @@ def test_missing_weights_and_folder_are_named(folders, tmp_path):
         CLIPEmbedder(broken, dtype=torch.float32)
     with pytest.raises(MissingFilesError, match="does not exist"):
         T5Embedder(tmp_path / "nowhere", max_length=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict loading: every weight of the file goes into the model, none is left random
+
+
+def rewrite_weights(folder, change):
+    path = folder / "model.safetensors"
+    save_file(change(load_file(path)), path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("cls, index", [(T5Embedder, 0), (CLIPEmbedder, 1)])
+def test_a_missing_weight_is_an_error_naming_folder_and_key(folders, tmp_path, cls, index):
+    broken = shutil.copytree(folders[index], tmp_path / "enc")
+    state = load_file(broken / "model.safetensors")
+    dropped = sorted(k for k in state if "layers.1" in k or "block.1" in k)[0]
+    rewrite_weights(broken, lambda s: {k: v for k, v in s.items() if k != dropped})
+    with pytest.raises(TextEncoderError) as info:
+        cls(broken, max_length=8, dtype=torch.float32)
+    message = str(info.value)
+    assert str(broken) in message and "missing keys (1)" in message and dropped.split(".", 1)[1] in message
+
+
+@pytest.mark.parametrize("cls, index", [(T5Embedder, 0), (CLIPEmbedder, 1)])
+def test_an_unexpected_weight_is_an_error_naming_folder_and_key(folders, tmp_path, cls, index):
+    broken = shutil.copytree(folders[index], tmp_path / "enc")
+    rewrite_weights(broken, lambda s: s | {"encoder.surplus.weight": torch.zeros(3)})
+    with pytest.raises(TextEncoderError) as info:
+        cls(broken, max_length=8, dtype=torch.float32)
+    message = str(info.value)
+    assert str(broken) in message and "unexpected keys (1)" in message and "surplus.weight" in message
+
+
+def test_official_clip_layout_loads_exactly(clip, folders, tmp_path):
+    """FLUX.1's text_encoder/ stores CLIP under `text_model.`; transformers 5 saves without it: both load."""
+    official = shutil.copytree(folders[1], tmp_path / "text_encoder")
+    rewrite_weights(official, lambda s: {"text_model." + k: v for k, v in s.items()})
+    again = CLIPEmbedder(official, dtype=torch.float32)
+    prompts = ["a photo of a cat", "red sky"]
+    torch.testing.assert_close(again(prompts), clip(prompts), rtol=0, atol=0)
+
+
+def one_line_error(cls, folder):
+    with pytest.raises((TextEncoderError, CheckpointError)) as info:
+        cls(folder, max_length=8, dtype=torch.float32)
+    assert info.value.__cause__ is None and (info.value.__context__ is None or info.value.__suppress_context__)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "tokenizer.json", "config.json"])
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_garbage_json_files_are_named(folders, tmp_path, name, content):
+    broken = shutil.copytree(folders[1], tmp_path / "clip")
+    (broken / name).write_bytes(content)
+    message = one_line_error(CLIPEmbedder, broken)
+    assert str(broken / name) in message and ("JSON" in message) and "again" in message
+
+
+def test_swapped_t5_and_clip_folders_are_named(folders):
+    message = one_line_error(T5Embedder, folders[1])
+    assert "config.json" in message and "CLIP text encoder" in message and "swapped" in message
+    message = one_line_error(CLIPEmbedder, folders[0])
+    assert "config.json" in message and "T5 text encoder" in message and "swapped" in message
+
+
+def test_truncated_encoder_weights_are_named(folders, tmp_path):
+    broken = shutil.copytree(folders[0], tmp_path / "t5")
+    path = broken / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    message = one_line_error(T5Embedder, broken)
+    assert str(path) in message and "truncated" in message and "fetch the file again" in message
+    path.write_bytes(b"not a safetensors file at all")
+    assert str(path) in one_line_error(T5Embedder, broken)
+
+
+def test_unreadable_tokenizer_model_is_one_line(folders, tmp_path):
+    broken = shutil.copytree(folders[0], tmp_path / "t5")
+    (broken / "tokenizer.json").unlink()
+    (broken / "tokenizer_config.json").unlink()
+    (broken / "spiece.model").write_bytes(b"garbage")
+    message = one_line_error(T5Embedder, broken)
+    assert "T5 tokenizer" in message and str(broken) in message and "fetch the tokenizer files again" in message

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from concept_attention.segmentation.resume import file_digest, listing_digest
 
 IGNORE_LABEL = 255
 
@@ -51,6 +53,23 @@ def _require(path: Path, what: str, fix: str) -> Path:
     if not path.exists():
         raise DatasetNotFoundError(f"{what} not found at {path}: {fix}")
     return path
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
+    """Image.open with a clear error for a file PIL cannot read (decoding problems surface on first use)."""
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"{what} {path} cannot be read as an image ({error}): replace or remove it") from None
+
+
+def _rgb(path: Path, what: str) -> Image.Image:
+    """The image at `path` decoded to RGB; a truncated or corrupt file is one clear error naming it."""
+    with _open_image(path, what) as image:
+        try:
+            return image.convert("RGB")
+        except OSError as error:
+            raise DatasetError(f"{what} {path} is damaged ({error}): replace or remove it") from None
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -89,11 +108,16 @@ class ImageNetSegmentation(Sequence[SegSample]):
         self._ids, self._imgs, self._gts = (np.asarray(group[k]).reshape(-1) for k in ("id", "img", "gt"))
         if not len(self._ids) == len(self._imgs) == len(self._gts):
             raise DatasetError(f"{path}: id/img/gt have different lengths")
+        self.path = path
         self._lemmas = _load_json("wnid_to_lemma.json")
         self._simplified = _load_json("imagenet_seg_class_map.json")["categories"]
 
     def __len__(self) -> int:
         return len(self._imgs)
+
+    def identity(self) -> dict:
+        """What fixes every image of this dataset (stored with results; a resume must match it)."""
+        return {"file": file_digest(self.path)}
 
     def image_id(self, index: int) -> str:
         code_units = np.asarray(self._file[self._ids[index]]).reshape(-1)
@@ -183,11 +207,20 @@ class PascalVOC(Sequence[SegSample]):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_id(self, index: int) -> str:
+        return self.ids[index]
+
+    def identity(self) -> dict:
+        """The split's ids, every mask's content and every image's size (cheap: masks are small)."""
+        masks = (file_digest(self.root / "SegmentationClass" / f"{i}.png") for i in self.ids)
+        images = ((self.root / "JPEGImages" / f"{i}.jpg") for i in self.ids)
+        return {"ids": listing_digest(self.ids), "single_class": self.single_class, "masks": listing_digest(masks),
+                "image_sizes": listing_digest(p.stat().st_size if p.exists() else None for p in images)}
+
     def __getitem__(self, index: int) -> SegSample:
         image_id = self.ids[index]
         path = _require(self.root / "JPEGImages" / f"{image_id}.jpg", "VOC image", "the JPEGImages folder is incomplete")
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
+        rgb = _rgb(path, "VOC image")
         mask = self._mask(image_id)
         if not self.single_class:
             return SegSample(rgb, mask, list(VOC_SHORT_NAMES), image_id)
@@ -212,7 +245,8 @@ class FolderDataset(Sequence[SegSample]):
         DIR/masks/<id>.png               single-channel (L or P) labels: pixel value = class label, 255 = ignore
         DIR/classes.csv                  header "label,name", one row per class; label 0 must be the background
 
-    Images are sorted by id; every image needs a mask.
+    Images are sorted by id; every image needs a mask, and one id has one image. Every file's header is read
+    up front, so an unreadable file stops the run before it starts.
     """
 
     IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -226,16 +260,47 @@ class FolderDataset(Sequence[SegSample]):
         self.images = sorted(p for p in (self.root / "images").iterdir() if p.suffix.lower() in self.IMAGE_SUFFIXES)
         if not self.images:
             raise DatasetError(f"{self.root / 'images'} has no .jpg/.jpeg/.png images")
+        by_id: dict[str, list[str]] = {}
         for image in self.images:
-            _require(self.root / "masks" / f"{image.stem}.png", f"mask for image {image.name}", "add masks/<id>.png")
+            by_id.setdefault(image.stem, []).append(image.name)
+        clashes = [names for names in by_id.values() if len(names) > 1]
+        if clashes:
+            listed = "; ".join(", ".join(names) for names in clashes)
+            raise DatasetError(f"{self.root / 'images'}: one id has several images ({listed}): each mask belongs to "
+                               "one image, keep one of them")
+        for image in self.images:
+            mask = _require(self.mask_path(image), f"mask for image {image.name}", "add masks/<id>.png")
+            for file, what in ((image, "image"), (mask, "mask")):
+                _open_image(file, what).close()
+
+    def mask_path(self, image: Path) -> Path:
+        return self.root / "masks" / f"{image.stem}.png"
 
     @staticmethod
     def _read_classes(path: Path) -> list[str]:
-        with open(path, newline="") as file:
-            rows = list(csv.DictReader(file))
-        if not rows or set(rows[0]) != {"label", "name"}:
+        """label -> name from classes.csv (a byte-order mark is fine); every bad row is named by its line."""
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            rows = [(reader.line_num, row) for row in reader]
+        if not rows or set(reader.fieldnames or ()) != {"label", "name"}:
             raise DatasetError(f"{path}: expected a header 'label,name' and one row per class")
-        names = {int(row["label"]): row["name"].strip() for row in rows}
+        names: dict[int, str] = {}
+        line_of_label: dict[int, int] = {}
+        line_of_name: dict[str, int] = {}
+        for line, row in rows:
+            text, name = (row["label"] or "").strip(), (row["name"] or "").strip()
+            if not text.isdigit():
+                raise DatasetError(f"{path} line {line}: label {text!r} is not a non-negative integer")
+            label = int(text)
+            if not name:
+                raise DatasetError(f"{path} line {line}: label {label} has no name")
+            if label in names:
+                raise DatasetError(f"{path} lines {line_of_label[label]} and {line}: label {label} is listed twice "
+                                   f"({names[label]!r}, {name!r}); give each label one row")
+            if name in line_of_name:
+                raise DatasetError(f"{path} lines {line_of_name[name]} and {line}: two labels are named {name!r}; "
+                                   "merge them into one label or rename one")
+            names[label], line_of_label[label], line_of_name[name] = name, line, line
         if sorted(names) != list(range(len(names))) or len(names) < 2:
             raise DatasetError(f"{path}: labels must be 0..K-1 (K >= 2, 0 = background), got {sorted(names)}")
         return [names[label] for label in range(len(names))]
@@ -243,14 +308,26 @@ class FolderDataset(Sequence[SegSample]):
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_id(self, index: int) -> str:
+        return self.images[index].stem
+
+    def identity(self) -> dict:
+        """The classes, every mask's content and every image's name and size."""
+        return {"classes": list(self.class_names),
+                "images": listing_digest(f"{p.name} {p.stat().st_size}" for p in self.images),
+                "masks": listing_digest(file_digest(self.mask_path(p)) for p in self.images)}
+
     def __getitem__(self, index: int) -> SegSample:
         path = self.images[index]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-        with Image.open(self.root / "masks" / f"{path.stem}.png") as image:
+        rgb = _rgb(path, "image")
+        mask_path = self.mask_path(path)
+        with _open_image(mask_path, "mask") as image:
             if image.mode not in ("P", "L"):
                 raise DatasetError(f"mask {path.stem}.png has mode {image.mode}; save labels as a single-channel PNG")
-            mask = np.asarray(image, dtype=np.int64)
+            try:
+                mask = np.asarray(image, dtype=np.int64)
+            except OSError as error:
+                raise DatasetError(f"mask {mask_path} is damaged ({error}): replace or remove it") from None
         if mask.shape != (rgb.height, rgb.width):
             raise DatasetError(f"mask {path.stem}.png is {mask.shape[::-1]} but the image is {rgb.size}")
         bad = set(np.unique(mask).tolist()) - set(range(len(self.class_names))) - {IGNORE_LABEL}
@@ -282,6 +359,12 @@ class ShapesSegmentation(Sequence[SegSample]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def image_id(self, index: int) -> str:
+        return f"shapes-{self._data.seed}-{index}"
+
+    def identity(self) -> dict:
+        return {"length": len(self._data), "seed": self._data.seed, "config": asdict(self._data.config)}
+
     def __getitem__(self, index: int) -> SegSample:
         sample = self._data[index]
         to_global = np.array([self.class_names.index(name) for name in sample.class_names])
@@ -297,18 +380,23 @@ class ShapesSegmentation(Sequence[SegSample]):
 class DatasetEntry:
     factory: Callable[[str | Path], Sequence[SegSample]]
     preset: str
+    data: str | None     # what --data must name; None: optional
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "imagenet-seg": DatasetEntry(ImageNetSegmentation, "paper-imagenet"),
-    "voc-single": DatasetEntry(lambda path: PascalVOC(path, single_class=True), "paper-voc-single"),
-    "voc-multi": DatasetEntry(lambda path: PascalVOC(path), "paper-voc-multi"),
-    "folder": DatasetEntry(FolderDataset, "paper-voc-multi"),
-    "shapes": DatasetEntry(ShapesSegmentation, "shapes"),
+    "imagenet-seg": DatasetEntry(ImageNetSegmentation, "paper-imagenet", "the file gtsegs_ijcv.mat"),
+    "voc-single": DatasetEntry(lambda path: PascalVOC(path, single_class=True), "paper-voc-single",
+                               "the VOCdevkit/VOC2012 folder"),
+    "voc-multi": DatasetEntry(lambda path: PascalVOC(path), "paper-voc-multi", "the VOCdevkit/VOC2012 folder"),
+    "folder": DatasetEntry(FolderDataset, "folder", "the folder holding images/, masks/ and classes.csv"),
+    "shapes": DatasetEntry(ShapesSegmentation, "shapes", None),
 }
 
 
-def load_dataset(name: str, path: str | Path) -> Sequence[SegSample]:
+def load_dataset(name: str, path: str | Path | None) -> Sequence[SegSample]:
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name].factory(path)
+    entry = DATASETS[name]
+    if path is None and entry.data is not None:
+        raise DatasetError(f"--dataset {name} needs --data: pass {entry.data}")
+    return entry.factory(path)

@@ -38,6 +38,15 @@ class DistContext:
             else:
                 dist.barrier()
 
+    def all_agree(self, ok: bool) -> bool:
+        """True on every rank when `ok` is True on every rank (so that one rank's refusal stops them all instead
+        of leaving the others waiting at a barrier)."""
+        if not self.initialized:
+            return ok
+        flag = torch.tensor([int(ok)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def close(self) -> None:
         if self.initialized:
             dist.destroy_process_group()

@@ -6,19 +6,24 @@ own). Two reference lines put the numbers in context: `predict_background` (no m
 everywhere) and an optional baseline model (e.g. the same architecture untrained) scored with the same methods on
 the same images, as rows "NAME: method". Per-image integer counts and AP values of every row are appended as one
 JSON line, so an interrupted run resumes where it stopped (for both models), a finished run is never recomputed,
-and shards merge exactly.
+and shards merge exactly. A resume proves it is the same experiment (see resume.py): the configuration, the
+model's fingerprint and dtype and the dataset's identity must match, records are matched by image id, and one run
+at a time holds the folder.
 
 Output folder: config.json (what produced the numbers), results.rank{R}.jsonl, summary.json, summary.md,
-plots/*.png.
+plots/*.png, .lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import os
 import time
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -32,12 +37,12 @@ from concept_attention.segmentation.metrics import (
     PooledScores, binary_paper_ap, confusion_matrix, foreground_ap, mean_iou, onehot_average_precision,
 )
 from concept_attention.segmentation.protocols import (
-    PRESETS, RESAMPLE, ProtocolError, SegProtocol, Vocabulary, get_preset, prepare_image, vocabulary,
+    PRESETS, RESAMPLE, SegProtocol, Vocabulary, get_preset, prepare_image, vocabulary,
 )
-
-
-class EvalError(ValueError):
-    pass
+from concept_attention.segmentation.resume import (
+    RECORD_FILES, EvalError, FolderLock, ResultsFile, compact_records, describe, differences, load_records,
+    read_config, weights_fingerprint, write_config,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,6 +100,7 @@ class EvalConfig:
     per_layer: bool = False                 # also score every layer alone (keys "method@layer=L")
     sweep_t: tuple[float, ...] = ()         # also score these noise levels (keys "method@t=T")
     baseline: str | None = None             # name of a second model scored alike (keys "NAME: method...")
+    sources: dict = field(default_factory=dict)   # what made the maps: model fingerprints, dtype (from the CLI)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -102,7 +108,7 @@ class EvalConfig:
             raise EvalError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
         if self.per_layer and self.protocol.layers is None:
             raise EvalError("--per-layer needs explicit --layers (the layer numbers label the curve)")
-        if any(not 0.0 <= t <= 1.0 for t in self.sweep_t):
+        if any(not 0.0 <= t <= 1.0 for t in self.sweep_t):          # also refuses NaN
             raise EvalError(f"--sweep-t values must be in [0, 1], got {list(self.sweep_t)}")
         if self.baseline is not None and (not self.baseline.strip() or not self.model_methods):
             raise EvalError("a baseline model needs a non-empty --baseline-name and at least one model-based method "
@@ -126,7 +132,8 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "protocol": self.protocol.to_dict(), "methods": list(self.methods),
-                "per_layer": self.per_layer, "sweep_t": list(self.sweep_t), "baseline": self.baseline}
+                "per_layer": self.per_layer, "sweep_t": list(self.sweep_t), "baseline": self.baseline,
+                "sources": dict(self.sources)}
 
     def keys(self) -> list[str]:
         """Result keys in table order: each method, the baseline's methods, then the timestep sweeps, then the
@@ -222,6 +229,16 @@ def background_maps(vocab: Vocabulary, background_label: int) -> torch.Tensor:
     return (on / on.sum())[:, None, None]
 
 
+def finite_maps(maps: torch.Tensor, image_id: str, what: str) -> torch.Tensor:
+    """`maps` when every value is finite; NaN or Inf would be scored as a plain prediction (argmax of NaN is 0,
+    i.e. predict-background numbers under the method's name), so they stop the run instead."""
+    if not torch.isfinite(maps).all():
+        raise EvalError(f"image {image_id}: the {what} maps hold NaN or Inf, so they cannot be scored; likely cause: "
+                        "non-finite model weights (check the checkpoint) or an overflow in reduced precision "
+                        "(try --dtype float32)")
+    return maps
+
+
 def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, config: EvalConfig,
                    num_classes: int) -> dict[str, ImageScore]:
     """The result keys of one model (all of `config`'s but the baseline's) for one image, with one encode pass
@@ -254,9 +271,9 @@ def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, c
             maps = getattr(out, MAP_FIELDS[space])
             if maps is None:
                 raise EvalError(f"the map provider returned no {MAP_FIELDS[space]} (needed for {method})")
-            results[key] = score_maps(maps, vocab, target, protocol, num_classes)
+            results[key] = score_maps(finite_maps(maps, sample.image_id, key), vocab, target, protocol, num_classes)
             if with_layers:
-                stack = out.layer_maps[space]                                   # (layers, r, h, w)
+                stack = finite_maps(out.layer_maps[space], sample.image_id, f"per-layer {method}")  # (L, r, h, w)
                 for layer, layer_maps in zip(protocol.layers, stack):
                     results[layer_key(method, layer)] = score_maps(layer_maps, vocab, target, protocol, num_classes)
     return results
@@ -264,23 +281,6 @@ def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, c
 
 # ---------------------------------------------------------------------------------------------------------------
 # Results files, resume and merge
-
-
-def results_path(out_dir: Path, rank: int) -> Path:
-    return out_dir / f"results.rank{rank}.jsonl"
-
-
-def load_records(out_dir: Path) -> dict[int, dict]:
-    """Every finished image of every rank's file; a line cut short by an interruption is skipped."""
-    records: dict[int, dict] = {}
-    for path in sorted(out_dir.glob("results.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records.setdefault(int(record["index"]), record)
-    return records
 
 
 def summarize(records: dict[int, dict], config: EvalConfig, num_classes: int,
@@ -315,23 +315,108 @@ def markdown_table(summary: dict[str, dict], binary: bool) -> str:
 # The run
 
 
-def _check_config(out_dir: Path, config: EvalConfig, overwrite: bool, ctx: DistContext) -> None:
-    path = out_dir / "config.json"
+def eval_memory_bytes(eval_size: int, num_concepts: int, num_channels: int) -> int:
+    """Peak bytes of scoring one image at eval_size (an upper bound read off score_maps and the metrics): the
+    concept maps resized to (r, S, S) float64, masks, predictions and confusion temporaries (about 8 arrays of S^2
+    int64), and the one-hot AP's flattened ranking of the K channels (sort keys, order, sorted copies, cumulative
+    sums: about 8 arrays of K S^2)."""
+    return 8 * eval_size ** 2 * (num_concepts + 8 * num_channels + 8)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel can give now (MemAvailable), else free physical pages; None where neither is known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_eval_memory(protocol: SegProtocol, num_classes: int, available: int | None = None) -> None:
+    """Refuse an eval size whose scoring would not fit in half the available memory (the rest is the model's),
+    naming the estimate and the largest size that fits."""
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return
+    background = len(protocol.background_concepts)
+    concepts, channels = (1 + background, 2) if protocol.task == "binary" else (background + num_classes, num_classes)
+    need = eval_memory_bytes(protocol.eval_size, concepts, channels)
+    if need <= available // 2:
+        return
+    fits = math.isqrt(available // 2 // eval_memory_bytes(1, concepts, channels))
+    raise EvalError(f"--eval-size {protocol.eval_size} needs about {need / 2**30:.1f} GiB to score one image "
+                    f"({concepts} maps, {channels} class channels at {protocol.eval_size}x{protocol.eval_size}), more "
+                    f"than half of the {available / 2**30:.1f} GiB available: use --eval-size {fits} or less")
+
+
+def image_ids(dataset: Sequence[SegSample], count: int) -> list[str]:
+    """The ids of the first `count` images (cheaply where the dataset knows them without decoding); records are
+    matched by these, so they must be unique."""
+    of = getattr(dataset, "image_id", None)
+    ids = [of(i) if of is not None else dataset[i].image_id for i in range(count)]
+    repeated = [image_id for image_id, n in Counter(ids).items() if n > 1]
+    if repeated:
+        raise EvalError(f"the dataset has several images with one id ({', '.join(map(repr, repeated[:5]))}): results "
+                        "are matched by image id, so ids must be unique")
+    return ids
+
+
+def dataset_identity(dataset: Sequence[SegSample]) -> dict:
+    """What fixes every image (the dataset's own `identity()`; else only its length is knowable)."""
+    identity = getattr(dataset, "identity", None)
+    return identity() if identity is not None else {"length": len(dataset)}
+
+
+def _start(out_dir: Path, wanted: dict, ids: list[str], dataset: Sequence[SegSample], overwrite: bool,
+           lock: FolderLock, ctx: DistContext) -> dict[str, dict]:
+    """Lock the folder (rank 0, for the whole group), clear it on --overwrite, prove that what it holds is this
+    experiment, and return its records by image id. Nothing is written here but the lock."""
+    failure: Exception | None = None
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for stale in [*out_dir.glob("results.rank*.jsonl"), out_dir / "summary.json", out_dir / "summary.md", path]:
-                stale.unlink(missing_ok=True)
-        if not path.exists():
-            path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    ctx.barrier()
-    stored = {"baseline": None, **json.loads(path.read_text())}     # folders written before baselines existed
-    if stored != json.loads(json.dumps(config.to_dict())):
-        changed = sorted(k for k in stored["protocol"] if stored["protocol"][k] != config.protocol.to_dict().get(k))
-        changed += [k for k in ("dataset", "methods", "per_layer", "sweep_t", "baseline")
-                    if stored.get(k) != config.to_dict()[k]]
-        raise EvalError(f"{out_dir} holds results of another configuration (differs in: {', '.join(changed)}); "
-                        "use another --out, or --overwrite to start again")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if overwrite:
+                for stale in [*out_dir.glob(RECORD_FILES), *(out_dir / n for n in ("summary.json", "summary.md",
+                                                                                    "config.json"))]:
+                    stale.unlink(missing_ok=True)
+            compact_records(out_dir)
+        except (EvalError, OSError) as error:
+            failure = error
+    if not ctx.all_agree(failure is None):
+        raise failure or EvalError(f"rank 0 could not start on {out_dir} (see its message)")
+    stored, records = read_config(out_dir), load_records(out_dir)
+    fix = "use another --out, or --overwrite to start again"
+    if stored is None:
+        if records:
+            raise EvalError(f"{out_dir} holds {len(records)} results but no config.json, so what produced them is "
+                            f"unknown; {fix}")
+        return {}
+    legacy = "data" not in stored            # written before runs recorded their model, dtype and data
+    stored = {"baseline": None, **stored}     # folders written before baselines existed
+    if legacy:
+        stored = {**stored, "sources": wanted["sources"], "data": wanted["data"]}
+    changed = differences(stored, wanted)
+    if changed:
+        raise EvalError(f"{out_dir} holds results of another experiment (differs in: {describe(changed)}); {fix}")
+    selected = set(ids)
+    strangers = [i for i in records if i not in selected]
+    if strangers and len(dataset) > len(ids):
+        known = set(image_ids(dataset, len(dataset)))
+        strangers = [i for i in strangers if i not in known]
+    if strangers:
+        raise EvalError(f"{out_dir} holds results for images that are not in this dataset ({', '.join(strangers[:3])}"
+                        f"{', ...' if len(strangers) > 3 else ''}): they are another dataset's; {fix}")
+    if legacy and ctx.is_main:
+        print(f"note: {out_dir} was written before runs recorded their model, dtype and data; its configuration and "
+              "image ids match, so it is resumed as the same experiment (use --overwrite if it is not)")
+        write_config(out_dir, wanted)
+    return records
 
 
 def _num_classes(dataset: Sequence[SegSample], protocol: SegProtocol) -> tuple[int, list[str]]:
@@ -353,23 +438,30 @@ def evaluate(
     device: str | None = None,
     num_examples: int = 3,
     baseline: MapProvider | Callable[[str], MapProvider] | None = None,
+    results_file: Callable[[Path, int, dict], ResultsFile] = ResultsFile,
 ) -> dict[str, dict]:
     """Run (or resume) the benchmark into `out_dir` and return the summary {key: metrics}.
 
     `provider` (and `baseline`, the model of `config.baseline`) is a map provider or a factory device -> provider,
     called only when there is work left. Under torchrun, each rank takes every world_size-th image and rank 0
-    writes the summary and plots."""
+    writes the summary and plots. `results_file` opens a rank's results file (tests pass a failing one)."""
     if (baseline is None) != (config.baseline is None):
         raise EvalError("pass a baseline model exactly when the configuration names one (--baseline-weights)")
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    if total <= 0:
+        raise EvalError(f"nothing to evaluate: --limit {limit} selects no images" if limit is not None and len(dataset)
+                        else "nothing to evaluate: the dataset has no images")
+    num_classes, class_names = _num_classes(dataset, config.protocol)
+    check_eval_memory(config.protocol, num_classes)
+    ids = image_ids(dataset, total)
+    wanted = json.loads(json.dumps({**config.to_dict(), "data": dataset_identity(dataset)}))   # as stored
     out_dir = Path(out_dir)
     ctx = init_distributed(device)
+    lock = FolderLock(out_dir)
     try:
-        _check_config(out_dir, config, overwrite, ctx)
-        total = len(dataset) if limit is None else min(limit, len(dataset))
-        num_classes, class_names = _num_classes(dataset, config.protocol)
-        done = load_records(out_dir)
-        was_complete = all(i in done for i in range(total))
-        todo = ctx.shard([i for i in range(total) if i not in done])
+        done = _start(out_dir, wanted, ids, dataset, overwrite, lock, ctx)
+        was_complete = all(i in done for i in ids)
+        todo = ctx.shard([index for index, image_id in enumerate(ids) if image_id not in done])
         main_key = config.methods[0]
         get_provider = _lazy(provider, ctx.device)
         get_baseline = _lazy(baseline, ctx.device)
@@ -383,32 +475,43 @@ def evaluate(
 
         if todo:
             running = PooledScores(num_classes)
-            for index in sorted(done):
-                if index < total:
-                    running.confusion += np.asarray(done[index]["scores"][main_key]["confusion"])
+            for image_id in ids:
+                if image_id in done:
+                    running.confusion += np.asarray(done[image_id]["scores"][main_key]["confusion"])
             from tqdm.auto import tqdm
 
             bar = tqdm(todo, unit="img", disable=not (progress and ctx.is_main), dynamic_ncols=True,
                        desc=f"{config.protocol.name} rank {ctx.rank}/{ctx.world_size}")
-            path = results_path(out_dir, ctx.rank)
-            cut_short = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-            with open(path, "a") as file:
-                if cut_short:              # end a line cut short by a kill, so the next record stands alone
-                    file.write("\n")
+            resume_hint = "the images finished so far are kept: fix it and run the same command again to resume"
+            results = results_file(out_dir, ctx.rank, wanted)
+            try:
                 for index in bar:
-                    sample = dataset[index]
+                    try:
+                        sample = dataset[index]
+                    except DatasetError as error:
+                        raise DatasetError(f"{error} ({resume_hint})") from None
                     scores = score_image(sample)
                     record = {"index": index, "image_id": sample.image_id,
                               "scores": {key: scores[key].record() for key in config.keys()}}
-                    file.write(json.dumps(record) + "\n")
-                    file.flush()
+                    try:
+                        results.append(record)
+                    except OSError as error:
+                        cause = "the disk is full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+                        raise EvalError(f"could not write the result of image {sample.image_id} to {out_dir}: "
+                                        f"{cause}; {resume_hint}") from None
                     running.confusion += scores[main_key].confusion
                     bar.set_postfix(mIoU=f"{100 * mean_iou(running.confusion):.2f}")
+            finally:
+                try:
+                    results.close()
+                except OSError:            # every record was flushed when written: a close after a full disk
+                    pass                   # adds nothing, and the error that stopped the run is the one to see
         ctx.barrier()
         if not ctx.is_main:
             return {}
-        records = {i: r for i, r in load_records(out_dir).items() if i < total}
-        missing = sorted(set(range(total)) - set(records))
+        by_id = load_records(out_dir)
+        records = {index: by_id[image_id] for index, image_id in enumerate(ids) if image_id in by_id}
+        missing = [image_id for image_id in ids if image_id not in by_id]
         if missing:
             raise EvalError(f"{len(missing)} images have no results (first {missing[:5]}); run again to finish them")
         summary = summarize(records, config, num_classes, class_names)
@@ -420,6 +523,7 @@ def evaluate(
                                 num_examples, redo_examples=not was_complete)
         return summary
     finally:
+        lock.release()
         ctx.close()
 
 
@@ -472,13 +576,14 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Zero-shot segmentation benchmark (ImageNet-Segmentation, PascalVOC 2012, a folder, synthetic shapes). "
-        "Resumable: run the same command again to continue; results go to --out. Folder datasets: "
+        "Resumable: run the same command again to continue; results go to --out, which is locked while a run "
+        "writes and resumed only by the same experiment (model, dtype, data, options). Folder datasets: "
         "DIR/images/<id>.jpg|png, DIR/masks/<id>.png (pixel = label, 255 = ignore), DIR/classes.csv "
         "('label,name', 0 = background). Launch with torchrun --nproc_per_node N to shard over processes.")
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data", default=None,
-                        help="gtsegs_ijcv.mat | VOCdevkit/VOC2012 | a folder | shapes: LENGTH[:SEED] "
-                             "(default 200:1, the demo model's held-out images)")
+                        help="gtsegs_ijcv.mat | VOCdevkit/VOC2012 | a folder (all three required) | shapes: "
+                             "LENGTH[:SEED] (default 200:1, the demo model's held-out images)")
     parser.add_argument("--weights", type=Path, default=None, help="model folder (Flux.1 schnell for the paper)")
     parser.add_argument("--baseline-weights", type=Path, default=None,
                         help="a second model folder (e.g. the same model untrained) scored with the same methods "
@@ -548,24 +653,32 @@ def run_eval(args: argparse.Namespace) -> int:
         methods = tuple(args.methods or default_methods(protocol.name))
         baseline = args.baseline_name if args.baseline_weights is not None else None
         config = EvalConfig(args.dataset, protocol, methods, args.per_layer, tuple(args.sweep_t), baseline)
+        if config.model_methods:
+            if args.weights is None:
+                raise EvalError(f"--methods {','.join(config.model_methods)} read maps from a model: "
+                                "pass --weights DIR")
+            sources = {"weights": weights_fingerprint(args.weights), "dtype": args.dtype}
+            if baseline:
+                sources["baseline_weights"] = weights_fingerprint(args.baseline_weights)
+            config = replace(config, sources=sources)
         dataset = load_dataset(args.dataset, args.data)
 
-        def pipeline(folder: Path | None, option: str) -> Callable[[str], MapProvider]:
+        def pipeline(folder: Path) -> Callable[[str], MapProvider]:
             def build(device: str) -> MapProvider:
-                if folder is None:
-                    raise EvalError(f"pass {option} DIR (the model folder) to compute maps")
                 from concept_attention.pipeline import ConceptAttentionPipeline
 
                 return ConceptAttentionPipeline.from_folder(folder, device=device, dtype=DTYPES[args.dtype])
             return build
 
         start = time.perf_counter()
-        summary = evaluate(dataset, pipeline(args.weights, "--weights"), config, args.out, limit=args.limit,
+        summary = evaluate(dataset, pipeline(args.weights), config, args.out, limit=args.limit,
                            progress=not args.no_progress, plots=not args.no_plots, overwrite=args.overwrite,
-                           device=args.device,
-                           baseline=pipeline(args.baseline_weights, "--baseline-weights") if baseline else None)
-    except (EvalError, ProtocolError, DatasetError, FileNotFoundError) as error:
+                           device=args.device, baseline=pipeline(args.baseline_weights) if baseline else None)
+    except ValueError as error:          # EvalError, ProtocolError, DatasetError and the pipeline's input checks
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"error: {error}; the images finished so far are kept in {args.out}: fix it and run the "
+                         "same command again to resume") from None
     if summary:
         print((Path(args.out) / "summary.md").read_text())
         print(f"wrote {args.out}/summary.md, summary.json in {time.perf_counter() - start:.0f} s")

@@ -66,6 +66,8 @@ class SegProtocol:
                                 "(or is exactly '{caption}': the dataset's own caption)")
         if self.num_samples < 1 or self.eval_size < 1:
             raise ProtocolError("num_samples and eval_size must be positive")
+        if self.t is not None and not 0.0 <= self.t <= 1.0:          # also refuses NaN
+            raise ProtocolError(f"--t must be a noise level in [0, 1] (0 = the clean image), got {self.t}")
 
     def override(self, **changes) -> "SegProtocol":
         """A copy with the non-None changes applied (CLI overrides)."""
@@ -114,6 +116,13 @@ PRESETS: dict[str, SegProtocol] = {
         threshold="argmax", eval_size=32, pipeline_size=None, input_size=None, input_resample="nearest",
         t=0.5, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=None,
         normalize=None, softmax=True, blur=False, ap_minmax=False, caption_template="{caption}"),
+    # Your own folder on any model: every class present (label 0 under its classes.csv name, no extra background
+    # words), the model's own image size and default layers, t = 0.5, softmax, argmax, scored at 224 x 224.
+    "folder": SegProtocol(
+        name="folder", task="multiclass", background_concepts=(), class_first=False,
+        threshold="argmax", eval_size=224, pipeline_size=None, input_size=None, input_resample="nearest",
+        t=0.5, noise_timestep=2, num_steps=4, num_samples=1, seed=0, layers=None,
+        normalize=None, softmax=True, blur=False, ap_minmax=False),
 }
 
 

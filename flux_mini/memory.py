@@ -1,0 +1,99 @@
+"""How much memory a run will need, estimated from its sizes before anything is allocated.
+
+A too-large size (a 100000-pixel width, a 12000x12000 photo at native size, a T5 length of 100000)
+would otherwise grow until the kernel kills the process. The estimate counts the largest live
+activations of each stage (the weights are already loaded): noise and tokens, one transformer block
+(attention runs fused, so O(tokens) memory), the concept-map buffers, the autoencoder at full
+resolution, and T5's self-attention, which transformers materialises as (heads, T, T) scores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+GiB = 2**30
+
+
+class RunTooLargeError(ValueError):
+    """A run would need more memory than the device has free; the message names the estimate and a size that fits."""
+
+
+@dataclass(frozen=True)
+class RunSize:
+    """What the memory of one run depends on (counts, not tensors)."""
+
+    batch: int
+    image_tokens: int  # N: latent tokens (2x2 patches)
+    text_tokens: int  # T: the T5 length
+    hidden: int
+    heads: int
+    mlp_ratio: float
+    token_channels: int  # in_channels of the transformer
+    dtype_bytes: int
+    concepts: int = 0
+    pixels: int = 0  # H * W of the images the autoencoder encodes or decodes
+    autoencoder_channels: int = 0  # widest full-resolution channel count (0: identity autoencoder)
+    t5_heads: int = 0
+
+
+def estimate_bytes(size: RunSize) -> dict[str, int]:
+    """Peak bytes of each stage's live activations; the run needs the largest (stages run one after another)."""
+    b, n, t, d = size.batch, size.image_tokens, size.text_tokens, size.hidden
+    tokens = b * (n + t)
+    float32 = 4
+    latents = 3 * b * n * size.token_channels * float32  # noise, tokens, velocity
+    # one block: residual, normed/modulated input, q/k/v, attention output, the MLP's hidden layer (twice)
+    block = tokens * d * size.dtype_bytes * (7 + 2 * size.mlp_ratio)
+    rope = tokens * (d // size.heads) * 2 * float32  # (B, 1, L, head_dim / 2, 2, 2) in float32
+    concept_maps = b * size.concepts * n * float32 * (3 + 2 * size.heads)  # 3 spaces + per-head cross attention
+    autoencoder = 3 * b * size.pixels * max(size.autoencoder_channels, 3) * float32
+    text = b * (size.t5_heads * t * t + 8 * t * d) * float32
+    return {
+        "transformer": int(latents + block + rope + concept_maps),
+        "autoencoder": int(autoencoder),
+        "text encoder": int(text),
+    }
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int:
+    """Free memory where the run allocates: the GPU's free memory, else MemAvailable of /proc/meminfo."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no way to tell (e.g. Windows): do not refuse
+        return 2**62
+
+
+def gib(count: int) -> str:
+    return f"{count / GiB:.1f} GiB"
+
+
+def fitting_size(
+    height: int, width: int, multiple: int, needed: Callable[[int, int], int], budget: int
+) -> tuple[int, int] | None:
+    """The largest (height, width) of the same aspect ratio, in multiples of `multiple`, with needed(h, w) <=
+    budget; None when not even multiple x multiple fits (the text encoder alone is too large)."""
+
+    def snap(scale: float) -> tuple[int, int]:
+        return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in (height, width))
+
+    if needed(*snap(0.0)) > budget:
+        return None
+    lo, hi = 0.0, 1.0  # needed() grows with the scale: bisect for the largest scale that fits
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if needed(*snap(mid)) <= budget else (lo, mid)
+    return snap(lo)
