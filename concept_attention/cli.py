@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--t", type=float, help="noise time in [0, 1], overrides --noise-timestep")
     encode.add_argument("--num-samples", type=positive_int, default=1, help="noise samples averaged (seed + i)")
     encode.add_argument("--samples", dest="num_samples", type=positive_int, help=argparse.SUPPRESS)  # old spelling
-    add_eval_arguments(commands.add_parser("eval", help="zero-shot segmentation benchmark"))
+    add_eval_arguments(commands.add_parser("eval", help="zero-shot segmentation benchmark",
+                                           formatter_class=HelpFormatter))
     return parser
 
 

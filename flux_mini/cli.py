@@ -33,13 +33,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def seed_type(text: str) -> int:
-    """An integer in [0, 2**64): torch would silently wrap larger seeds around."""
+    """An integer in [0, 2**32): torch's CPU generator keeps only a seed's low 32 bits."""
     try:
         seed = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed (0 <= seed < 2**64)") from None
-    if not 0 <= seed < 2**64:
-        raise argparse.ArgumentTypeError(f"seed {seed} is outside 0 <= seed < 2**64")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed (0 <= seed < 2**32)") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"seed {seed} is outside 0 <= seed < 2**32 (larger seeds repeat smaller ones)")
     return seed
 
 
@@ -64,7 +64,7 @@ def add_size_options(parser: argparse.ArgumentParser, steps: bool = True, what: 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--seed, --device, --dtype and --quiet, with the same meaning and defaults in both CLIs."""
-    parser.add_argument("--seed", type=seed_type, default=0, help="integer in [0, 2**64); sample i uses seed + i")
+    parser.add_argument("--seed", type=seed_type, default=0, help="integer in [0, 2**32); sample i uses seed + i")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU"

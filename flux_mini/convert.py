@@ -277,11 +277,12 @@ def flux2_diffusers_config(config: Flux2Config) -> dict:
 def flux2_config_from_diffusers(c: Mapping) -> Flux2Config:
     """The Flux2Config of a diffusers `Flux2Transformer2DModel` config.json (class defaults are [dev]'s)."""
     defaults = Flux2Config()
-    if (c.get("out_channels") or c.get("in_channels", 128)) != c.get("in_channels", 128):
-        raise ValueError(f"FLUX.2 has out_channels = in_channels; this config has {c['out_channels']} and {c['in_channels']}")
+    in_channels = c.get("in_channels", defaults.in_channels)
+    if (c.get("out_channels") or in_channels) != in_channels:
+        raise ValueError(f"FLUX.2 has out_channels = in_channels, not {c['out_channels']} and {in_channels}")
     heads = c.get("num_attention_heads", defaults.num_heads)
     return Flux2Config(
-        in_channels=c.get("in_channels", defaults.in_channels),
+        in_channels=in_channels,
         context_in_dim=c.get("joint_attention_dim", defaults.context_in_dim),
         hidden_size=heads * c.get("attention_head_dim", defaults.head_dim),
         num_heads=heads,

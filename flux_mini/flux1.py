@@ -198,7 +198,6 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 # ----------------------------------------------------------------------------------------------
 # Blocks
 
-
 class DoubleStreamBlock(nn.Module):
     """Image and text keep separate weights and meet only in one joint attention."""
 

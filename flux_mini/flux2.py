@@ -11,16 +11,18 @@ the shared text modulation, in the single blocks with the block's shared weights
 attend to [concepts ; image] and nothing attends to concepts, so the image and text are unchanged.
 Concepts may carry RoPE position ids (the authors use (0, 0, 0, 510)); ours default to zero.
 
-Named sites (`flux_mini.interp`), the Flux.1 names where the architecture has the same thing: `vec`,
-`img_in`, `txt_in`; the shared modulations `double_stream_modulation_img`, `double_stream_modulation_txt`
-(B, 1, 6D: shift1, scale1, gate1, shift2, scale2, gate2) and `single_stream_modulation` (B, 1, 3D:
-shift, scale, gate), each the Linear output before it is cut into sets; per double block
-`double_blocks.N.` + `q`, `k`, `v` (joint [txt ; img] after QK-norm and RoPE, (B, H, T + L, Dh)),
-`img_attn`, `txt_attn` (attention outputs before the projection), `img_mlp`, `txt_mlp` (MLP outputs
-before the gate), `img`, `txt` (the streams after the block), and, when the concept stream runs,
-`concept_q`, `concept_k` (after QK-norm and the concepts' RoPE, (B, H, r, Dh)), `concept_attn`, `concepts`;
-per single block `single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (SwiGLU activations, (B, T + L, M)), `x`
-([txt ; img] after the block) and the same four concept sites. Each class lists its sites in `SITES`.
+Named sites (`flux_mini.interp`), listed in the `SITES` of `Flux2` and of each block class in the order
+a forward visits them, with the Flux.1 names where the architecture has the same thing: `vec`; the
+shared modulations `double_stream_modulation_img`, `double_stream_modulation_txt` (B, 1, 6D: shift1,
+scale1, gate1, shift2, scale2, gate2) and `single_stream_modulation` (B, 1, 3D: shift, scale, gate), each
+the Linear output before it is cut into sets, so one patch reaches every block of its kind; `img_in`,
+`txt_in`; per double block `double_blocks.N.` + `q`, `k`, `v` (joint [txt ; img] after QK-norm and RoPE,
+(B, H, T + L, Dh)), `txt_attn`, `img_attn` (attention outputs before the projection), `img_mlp`,
+`txt_mlp` (MLP outputs before the gate), `img`, `txt` (the streams after the block), and, when the concept
+stream runs, `concept_q`, `concept_k` (B, H, r, Dh, after QK-norm and the concepts' RoPE), `concept_attn`
+(B, r, D), `concepts` (the stream after the block); per single block `single_blocks.N.` + `q`, `k`, `v`,
+`attn`, `mlp` (SwiGLU activations, (B, T + L, M)), `x` ([txt ; img] after the block), and the same four
+concept sites.
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ class Flux2Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        sizes = {n: getattr(self, n) for n in ("in_channels", "context_in_dim", "hidden_size", "num_heads", "theta")}
+        bad = [f"{n} {v!r}" for n, v in sizes.items() if not (type(v) is int and v > 0)]
+        if type(self.mlp_ratio) not in (int, float) or self.mlp_ratio <= 0:
+            bad.append(f"mlp_ratio {self.mlp_ratio!r}")
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive (sizes and head counts integers)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):
@@ -389,10 +397,8 @@ class LastLayer(nn.Module):
 class Flux2(nn.Module):
     """Flow-matching transformer: 128-wide latent tokens + stacked LLM text features -> velocity."""
 
-    SITES = (  # its blocks' sites follow, under their module names
-        "vec", "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
-        "img_in", "txt_in",
-    )  # fmt: skip
+    SITES = ("vec", "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
+             "img_in", "txt_in")  # its blocks' sites follow, under their module names  # fmt: skip
 
     def __init__(self, config: Flux2Config):
         super().__init__()
@@ -475,7 +481,7 @@ class Flux2(nn.Module):
         when given, runs through the double blocks and (unless switched off) the single blocks.
         `sites` reads or replaces named values on the way (`flux_mini.interp`)."""
         if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
+            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)}, {tuple(txt.shape)}")
         if img_ids.shape[-1] != 4 or txt_ids.shape[-1] != 4:
             raise ValueError(f"FLUX.2 ids have 4 axes (t, h, w, l), got {img_ids.shape[-1]} and {txt_ids.shape[-1]}")
         vec = sites("vec", self.conditioning(timesteps, guidance))

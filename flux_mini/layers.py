@@ -274,4 +274,4 @@ class Sites:
 
 
 NO_SITES = Sites()
-CONCEPT_SITES = ("concept_q", "concept_k", "concept_attn", "concepts")  # a block's sites while a concept stream runs
+CONCEPT_SITES = ("concept_q", "concept_k", "concept_attn", "concepts")  # visited only when a concept stream runs

@@ -277,7 +277,8 @@ def _config_differences(found, wanted) -> str:
 def _requested_config(info: CheckpointInfo, config):
     """A config or preset name -> the generation's config; CheckpointError when it is another generation's."""
     generation = info.generation
-    other = next((g for g in GENERATIONS if g is not generation and (config in g.presets or isinstance(config, g.config))), None)
+    others = [g for g in GENERATIONS if g is not generation]
+    other = next((g for g in others if config in g.presets or isinstance(config, g.config)), None)
     if other is not None:
         what = f"preset {config!r}" if isinstance(config, str) else f"a {type(config).__name__}"
         raise CheckpointError(

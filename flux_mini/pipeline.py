@@ -221,8 +221,9 @@ def check_finite(tensor: Tensor, what: str) -> Tensor:
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise NonFiniteError(
-            f"the {what} hold {bad} NaN/Inf values of {tensor.numel()}: the weights may hold non-finite values, "
-            "t or guidance may be NaN/out of range, or float16 overflowed (use bfloat16 or float32)"
+            f"the {what} hold {bad} NaN/Inf values of {tensor.numel()}: the weights may hold non-finite values "
+            "(load_flux(..., check_finite=True) names them), t or guidance may be NaN or out of range, or float16 "
+            "overflowed (use bfloat16 or float32)"
         )
     return tensor
 

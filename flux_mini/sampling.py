@@ -26,21 +26,24 @@ def latent_size(height: int, width: int, downsample_factor: int = 8) -> tuple[in
     return 2 * math.ceil(height / patch), 2 * math.ceil(width / patch)
 
 
-SEED_LIMIT = 2**64  # torch generators take seeds in [0, 2**64); larger ones would wrap around silently
+SEED_LIMIT = 2**32  # torch's CPU generator (mt19937) keeps a seed's low 32 bits: s and s + 2**32 draw the same
 
 
 def check_seed(seed, num_samples: int = 1) -> None:
-    """A seed is an int with 0 <= seed and seed + num_samples - 1 < 2**64 (sample i uses seed + i), or a
+    """A seed is an int with 0 <= seed and seed + num_samples - 1 < 2**32 (sample i uses seed + i), or a
     torch.Generator. Anything else (a float, a bool, a seed that wraps around) is refused."""
     if isinstance(seed, torch.Generator):
         return
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(
-            f"seed must be an integer in [0, 2**64) or a torch.Generator, got {seed!r} ({type(seed).__name__})"
+            f"seed must be an integer in [0, 2**32) or a torch.Generator, got {seed!r} ({type(seed).__name__})"
         )
     if not 0 <= seed or seed + num_samples - 1 >= SEED_LIMIT:
         last = f" (and seed + {num_samples - 1} for the last of {num_samples} samples)" if num_samples > 1 else ""
-        raise ValueError(f"seed {seed} is outside [0, 2**64){last}: torch would wrap it around; pick a smaller seed")
+        raise ValueError(
+            f"seed {seed} is outside [0, 2**32){last}: torch keeps only its low 32 bits (seed - 2**32 would give "
+            "the same image); pick a smaller seed"
+        )
 
 
 def get_noise(

@@ -225,7 +225,7 @@ def build_tiny_weights(
         ae.safetensors           a tiny AE (identity-autoencoder.json instead if pixel_space)
         t5/, clip/               tokenizers and encoders (save_pretrained layout)
         sampling.json            the T5 length (tiny prompts need far fewer than 256 tokens) and the small
-                                 image size the model is meant for (64x64; 32x32 in pixel space), so that
+                                 image size the model is meant for (32x32), so that
                                  `flux-mini generate --weights DIR` runs in seconds
 
     Deterministic for a seed; no downloads. guidance_embed=True gives a dev-family (guidance) model."""
@@ -247,7 +247,6 @@ def build_tiny_weights(
         guidance_embed, in_channels=channels, out_channels=channels, context_in_dim=t5_dim, vec_in_dim=clip_dim
     )
     save_flux(randomize_(Flux(config), seed), folder / "flux1-tiny.safetensors")  # config in the metadata
-    size = 32 if pixel_space else 64
-    sampling = {"t5_max_length": t5_max_length, "width": size, "height": size}
+    sampling = {"t5_max_length": t5_max_length, "width": 32, "height": 32}
     (folder / "sampling.json").write_text(json.dumps(sampling) + "\n")
     return folder
