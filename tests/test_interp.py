@@ -470,6 +470,21 @@ def test_pipelines_run_under_autograd_when_asked(demo):
 # -- errors ----------------------------------------------------------------------------------------------
 
 
+def test_attention_weights_refuse_a_layer_with_two_attentions():
+    """A model whose layer runs two attentions (each with q and k sites) would be read wrongly: refused."""
+
+    class TwoAttentions(torch.nn.Module):
+        config = type("Config", (), {"num_layers": 1})
+
+        def layers(self, q, sites):
+            for block in ("a.0", "b.0"):
+                sites.scoped(block)("q", q), sites.scoped(block)("k", q)
+            yield type("Layer", (), {"index": 0})
+
+    with pytest.raises(ValueError, match="a.0 and b.0 both attend within one layer"):
+        attention_weights(TwoAttentions(), torch.zeros(1, 1, 2, 4), layers=[0])
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
