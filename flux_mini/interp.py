@@ -318,22 +318,24 @@ def attention_weights(
     if not chosen or not all(0 <= i < num_layers for i in chosen):
         raise ValueError(f"layers must be a non-empty subset of 0..{num_layers - 1} (double blocks, then single "
                          f"blocks), got {list(layers) if layers is not None else None}")  # fmt: skip
-    reader = AttentionReader(queries, keys, query_index, chunk_size, stream)
+    reader = AttentionReader(set(chosen), queries, keys, query_index, chunk_size, stream)
     weights = {}
     for layer in model.layers(*args, sites=reader, **kwargs):
-        if layer.index in chosen:
+        if layer.index in reader.wanted:
             weights[layer.index] = reader.layer_weights(layer.index)
         reader.held.clear()
+        reader.next_layer = layer.index + 1
         if layer.index >= chosen[-1]:
             break
     return weights
 
 
 class AttentionReader(NamedSites):
-    """Holds the q and k sites of the block that runs; `layer_weights` turns them into weights when the
-    model yields that layer (so layers are matched by the model's own numbering, whatever its blocks' names)."""
+    """Holds the q and k sites of a wanted layer while it runs; `layer_weights` turns them into weights when
+    the model yields that layer (layers are matched by the model's own numbering, whatever its blocks' names)."""
 
-    def __init__(self, queries: str, keys: str, query_index, chunk_size: int, stream):
+    def __init__(self, wanted: set[int], queries: str, keys: str, query_index, chunk_size: int, stream):
+        self.wanted, self.next_layer = wanted, 0
         self.queries, self.keys, self.chunk_size = queries, keys, chunk_size
         self.query_index = None if query_index is None else torch.as_tensor(query_index, dtype=torch.long)
         self.attention = stream.attention if stream is not None else None
@@ -344,7 +346,7 @@ class AttentionReader(NamedSites):
         if name == "txt_in":
             self.num_txt = value.shape[1]
         block, _, site = name.rpartition(".")
-        if site in ("q", "k", "concept_q", "concept_k"):
+        if self.next_layer in self.wanted and site in ("q", "k", "concept_q", "concept_k"):
             if site in self.held:
                 raise ValueError(f"{self.held[site][0]} and {block} both attend within one layer: attention_weights "
                                  "reads models with one joint attention per layer")  # fmt: skip
