@@ -462,6 +462,11 @@ def load_autoencoder(
             f"{_DIFFUSERS_MARKER!r} (diffusers layout); its first tensors are {sorted(tensors)[:3]}"
         )
     layout += f" AE layout, prefix {prefix!r}" if prefix else " AE layout"
+    if "bn.running_mean" in tensors:
+        raise CheckpointError(
+            f"{path} is the FLUX.2 autoencoder (it has bn.running_mean): load it with "
+            "flux_mini.autoencoder_flux2.load_flux2_autoencoder"
+        )
     if any(n.startswith(("quant_conv.", "post_quant_conv.")) for n in tensors):
         raise CheckpointError(
             f"{path} has quant_conv/post_quant_conv tensors: it is a Stable Diffusion-style VAE, not the Flux AE"

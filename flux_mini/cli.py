@@ -1,9 +1,10 @@
 """Command line: `flux-mini generate --weights DIR --prompt "..." --out image.png`.
 
-`flux-mini tiny DIR` writes a random tiny model folder (no download) to try the pipeline on. The
-argument helpers below are shared with `concept-attention`, so both CLIs speak one vocabulary:
---weights --prompt --out --width --height --steps --guidance --seed --device --dtype --quiet, with unset
-sizes, steps and guidance read from the model folder (its sampling.json, else the variant's).
+`flux-mini tiny DIR` writes a random tiny model folder (no download) to try the pipeline on; `--generation flux2`
+makes it a FLUX.2 one. `generate` reads the generation (Flux.1 or FLUX.2) from the folder. The argument helpers
+below are shared with `concept-attention`, so both CLIs speak one vocabulary: --weights --prompt --out --width
+--height --steps --guidance --seed --device --dtype --quiet, with unset sizes, steps and guidance read from the
+model folder (its sampling.json, else the variant's).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def check_image_path(path: Path, flag: str = "--out") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flux-mini", description="Flux.1 text-to-image in plain PyTorch")
+    parser = argparse.ArgumentParser(prog="flux-mini", description="Flux.1 and FLUX.2 text-to-image in plain PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate an image from a prompt", formatter_class=HelpFormatter)
@@ -141,23 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_options(gen)
     add_run_options(gen)
     gen.add_argument("--offload", action="store_true", help="keep only the running stage on the device")
-    gen.add_argument("--variant", choices=["schnell", "dev"], help="(default: dev if the checkpoint has guidance)")
+    gen.add_argument(
+        "--variant", choices=["schnell", "dev", "klein", "klein-base"], help="(default: from the model folder)"
+    )
 
     tiny = commands.add_parser("tiny", help="write a random tiny model folder (to try the commands)",
                                formatter_class=HelpFormatter)
     tiny.add_argument("folder", type=Path, help="where to write it")
     tiny.add_argument("--seed", type=seed_type, default=0, help="seed of the random weights")
     tiny.add_argument("--guidance-embed", action="store_true", help="a dev-family (guidance-distilled) tiny model")
+    tiny.add_argument("--generation", choices=["flux1", "flux2"], default="flux1")
+    tiny.add_argument("--base", action="store_true", help="FLUX.2 only: a klein Base (real CFG) tiny model")
     return parser
 
 
 def generate(args: argparse.Namespace) -> None:
+    from flux_mini.flux2_pipeline import Flux2Pipeline, is_flux2_folder
     from flux_mini.pipeline import FluxPipeline, quiet_transformers
 
     check_image_path(args.out)
     device = resolve_device(args.device)
+    pipeline = Flux2Pipeline if is_flux2_folder(args.weights) else FluxPipeline
     with quiet_transformers(logging=args.quiet):
-        pipe = FluxPipeline.from_folder(
+        pipe = pipeline.from_folder(
             args.weights, device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
             variant=args.variant,
         )
@@ -180,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.generation == "flux2":
+            from flux_mini.tiny import build_tiny_flux2_weights
+
+            variant = "dev" if args.guidance_embed else "klein-base" if args.base else "klein"
+            folder = build_tiny_flux2_weights(args.folder, seed=args.seed, variant=variant)
+            print(f"wrote a random tiny FLUX.2 {variant} model to {folder}; try: flux-mini generate --weights "
+                  f"{folder} --prompt \"a red cat\" --out tiny.png")
         else:
             from flux_mini.tiny import build_tiny_weights
 

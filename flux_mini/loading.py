@@ -45,7 +45,7 @@ METADATA_KEY = "flux_config"
 
 # A key that only each non-transformer layout has, and what to say about it (spec §6.4); first match wins.
 OTHER_LAYOUTS = {
-    "bn.running_mean": "a FLUX.2 autoencoder (ae.safetensors of FLUX.2-dev; load it with load_autoencoder)",
+    "bn.running_mean": "a FLUX.2 autoencoder (ae.safetensors of FLUX.2-dev; load it with load_flux2_autoencoder)",
     "encoder.down.0.block.0.conv1.weight": "a Flux autoencoder (ae.safetensors; load it with load_autoencoder)",
     "encoder.down_blocks.0.resnets.0.conv1.weight": "a diffusers VAE (vae/; load it with load_autoencoder)",
     "encoder.block.0.layer.0.SelfAttention.q.weight": "a T5 text encoder",

@@ -13,7 +13,7 @@ from torch import nn
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
-from flux_mini.flux2 import Flux2Config
+from flux_mini.flux2 import Flux2, Flux2Config
 
 
 def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
@@ -248,5 +248,153 @@ def build_tiny_weights(
     )
     save_flux(randomize_(Flux(config), seed), folder / "flux1-tiny.safetensors")  # config in the metadata
     sampling = {"t5_max_length": t5_max_length, "width": 32, "height": 32}
+    (folder / "sampling.json").write_text(json.dumps(sampling) + "\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.2 text encoders: tiny chat LLMs (Qwen3 for klein, Mistral3 for dev) with word-level tokenizers
+# and short chat templates that render like the official ones (flux2-format.md §6).
+
+# Qwen3's template for one user turn with add_generation_prompt and enable_thinking=False.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+# Mistral-Small's template for a system turn and a user turn, with text content parts.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set text = message['content'][0]['text'] %}"
+    "{% if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST]' + text + '[/INST]' }}{% endif %}{% endfor %}"
+)
+QWEN3_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                          "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+def _word_tokenizer(specials: tuple[str, ...], **kwargs):
+    """A word-level fast tokenizer: the special tokens, <unk>, the chat roles, TINY_WORDS and single characters."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    for token in (*specials, "<unk>", "system", "user", "assistant", *TINY_WORDS, *_ALPHABET):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.add_special_tokens(list(specials))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **kwargs)
+
+
+def build_tiny_qwen3(folder: str | Path, seed: int = 0, hidden_size: int = 16, num_layers: int = 30) -> Path:
+    """A Qwen3 tokenizer (chat template, right padding with <|endoftext|>) and a random Qwen3ForCausalLM
+    deep enough for the official hidden layers 9, 18, 27."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _word_tokenizer(
+        QWEN3_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>", padding_side="right",
+        chat_template=QWEN3_CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(folder)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,  # as Qwen3-4B
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    randomize_(Qwen3ForCausalLM(config), seed, std=0.3).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_mistral3(folder: str | Path, seed: int = 0, hidden_size: int = 16, num_layers: int = 32) -> Path:
+    """A Mistral tokenizer (chat template, left padding) and a random Mistral3ForConditionalGeneration
+    (tiny vision tower) deep enough for the official hidden layers 10, 20, 30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _word_tokenizer(
+        MISTRAL_SPECIAL_TOKENS, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left",
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(folder)
+    text = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+        image_size=32, patch_size=8,
+    )
+    config = Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+    )
+    randomize_(Mistral3ForConditionalGeneration(config), seed, std=0.3).save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# A complete tiny FLUX.2 folder
+
+
+def tiny_flux2_autoencoder_config():
+    """A 2-level FLUX.2 AE with 4 latent channels: 4 pixels per token, so 64x64 images have 256 tokens."""
+    from flux_mini.autoencoder_flux2 import Flux2AutoEncoderConfig
+
+    return Flux2AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+
+
+def build_tiny_flux2_weights(folder: str | Path, seed: int = 0, variant: str = "klein") -> Path:
+    """Write a random tiny FLUX.2 model in the official repo layout and return the folder:
+
+        flux-2-klein-tiny.safetensors   (klein-base: flux-2-klein-base-tiny, dev: flux2-dev-tiny) BFL keys,
+                                        the Flux2Config in the safetensors metadata
+        ae.safetensors                  a tiny FLUX.2 AE with random BN statistics
+        text_encoder/                   a tiny Qwen3 (klein) or Mistral3 (dev) with its tokenizer
+        sampling.json                   64x64 images and short prompts
+
+    Deterministic for a seed; no downloads."""
+    from flux_mini.autoencoder_flux2 import Flux2AutoEncoder
+
+    names = {"klein": "flux-2-klein-tiny", "klein-base": "flux-2-klein-base-tiny", "dev": "flux2-dev-tiny"}
+    if variant not in names:
+        raise ValueError(f"variant must be one of {sorted(names)}, got {variant!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dev = variant == "dev"
+    text_width = 16
+    if dev:
+        build_tiny_mistral3(folder / "text_encoder", seed=seed + 1, hidden_size=text_width)
+    else:
+        build_tiny_qwen3(folder / "text_encoder", seed=seed + 1, hidden_size=text_width)
+
+    autoencoder = randomize_(Flux2AutoEncoder(tiny_flux2_autoencoder_config()), seed + 3, std=0.05)
+    generator = torch.Generator().manual_seed(seed + 4)
+    with torch.no_grad():
+        autoencoder.bn.running_mean.copy_(0.3 * torch.randn(autoencoder.latent_channels, generator=generator))
+        autoencoder.bn.running_var.copy_(0.5 + torch.rand(autoencoder.latent_channels, generator=generator))
+    save_file(autoencoder.state_dict(), folder / "ae.safetensors")
+
+    config = tiny_flux2_config(dev, in_channels=autoencoder.latent_channels, context_in_dim=3 * text_width)
+    save_flux(randomize_(Flux2(config), seed), folder / f"{names[variant]}.safetensors")
+    sampling = {"max_length": 64 if dev else 32, "width": 64, "height": 64}  # dev: room for the system turn
     (folder / "sampling.json").write_text(json.dumps(sampling) + "\n")
     return folder

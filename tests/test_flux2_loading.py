@@ -144,7 +144,7 @@ def klein_as_dev(tmp, state):
 def flux2_autoencoder(tmp, state):
     names = ["encoder.down.0.block.0.conv1.weight", "encoder.quant_conv.weight", "bn.running_mean", "bn.running_var"]
     path = write(tmp / "ae.safetensors", {n: torch.zeros(1) for n in names})
-    return path, {}, ["not a Flux transformer", "FLUX.2 autoencoder", "load_autoencoder"]
+    return path, {}, ["not a Flux transformer", "FLUX.2 autoencoder", "load_flux2_autoencoder"]
 
 
 def qwen3_text_encoder(tmp, state):
