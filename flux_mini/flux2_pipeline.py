@@ -244,7 +244,6 @@ class Flux2Pipeline:
     def check_size(self, height: int, width: int) -> None:
         self.autoencoder.check_size(height, width)
 
-    @torch.inference_mode()
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> txt (B, T, context_in_dim) and txt_ids (B, T, 4), in the pipeline dtype on the device."""
         prompts = prompt_list(prompts)
@@ -303,18 +302,22 @@ class Flux2Pipeline:
         guidance: float | None = None,
         negative_txt: Tensor | None = None,
         progress: bool = True,
+        interventions=None,
+        grad: bool = False,
     ) -> Tensor:
         """The Euler loop: `guidance` is embedded for [dev], the CFG scale with `negative_txt` for Base, and
-        unused by step-distilled klein (see `settings`)."""
+        unused by step-distilled klein (see `settings`). `interventions` (`flux_mini.interp.Interventions`)
+        caches or patches named sites per step; autograd only with `grad`."""
         guidance = self.defaults.guidance if guidance is None else guidance
         embedded = guidance if self.model.config.use_guidance_embed else None
         if self.defaults.cfg and negative_txt is None:
             raise ValueError(f"the {self.variant} variant uses classifier-free guidance: pass negative_txt")
         cfg = (negative_txt, guidance) if self.defaults.cfg else (None, None)
         with self.on_device(self.model):
-            return denoise_flux2(self.model, img, img_ids, txt, txt_ids, timesteps, embedded, *cfg, progress)
+            return denoise_flux2(
+                self.model, img, img_ids, txt, txt_ids, timesteps, embedded, *cfg, progress, interventions, grad
+            )
 
-    @torch.inference_mode()
     def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
         """Final tokens (B, L, 128) -> images (B, 3, height, width) in float32, clamped to [-1, 1]."""
         self.check_size(height, width)
@@ -335,16 +338,23 @@ class Flux2Pipeline:
         guidance: float | None = None,
         seed: int | torch.Generator = 0,
         progress: bool = True,
+        interventions=None,
     ) -> Image.Image | list[Image.Image]:
         """Generate one image per prompt (a PIL image for a string, a list for a list; prompt i uses seed + i,
         so a list gives the images of a loop). Sizes must be multiples of 16; steps, guidance and size
-        default to the variant's (and sampling.json's)."""
+        default to the variant's (and sampling.json's). `interventions` (`flux_mini.interp.Interventions`)
+        caches or patches named sites at every (or chosen) steps: `interventions.cache[step][name]`. Runs
+        without autograd."""
         width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
         prompts = prompt_list(prompt)
-        txt, txt_ids = self.encode_prompt(prompts)
-        negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
-        img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
-        timesteps = self.timesteps(num_steps, img.shape[1])
-        tokens = self.denoise(img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress)
-        images = self.to_pil(check_finite(self.decode_tokens(check_finite(tokens, "latents"), height, width), "images"))
+        with torch.no_grad():
+            txt, txt_ids = self.encode_prompt(prompts)
+            negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
+            img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
+            timesteps = self.timesteps(num_steps, img.shape[1])
+            tokens = self.denoise(
+                img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress, interventions
+            )
+            tokens = check_finite(tokens, "latents")
+            images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "images"))
         return images[0] if isinstance(prompt, str) else images

@@ -290,23 +290,30 @@ def denoise_flux2(
     negative_txt: Tensor | None = None,
     cfg_scale: float | None = None,
     progress: bool = True,
+    interventions=None,
+    grad: bool = False,
 ) -> Tensor:
     """Integrate FLUX.2 noise tokens img (B, L, 128) along `timesteps`.
 
     Guidance-distilled models ([dev]) take `guidance` through their embedder (None for klein). Base models
     use real classifier-free guidance: with `negative_txt` (the empty prompt's features) and `cfg_scale`,
-    each step is pred_neg + cfg_scale * (pred - pred_neg), two model calls."""
+    each step is pred_neg + cfg_scale * (pred - pred_neg), two model calls. `interventions`
+    (`flux_mini.interp.Interventions`) caches or patches named sites of the conditional call at every (or
+    its chosen) steps; the empty-prompt call is a plain one. Autograd is off unless `grad`."""
     if (negative_txt is None) != (cfg_scale is None):
         raise ValueError("classifier-free guidance needs both negative_txt and cfg_scale (or neither)")
     guidance_vec = None if guidance is None else timestep_vector(guidance, img)
     steps = list(zip(timesteps[:-1], timesteps[1:]))
-    for t_curr, t_prev in tqdm(steps, desc="denoising", disable=not progress):
-        t_vec = timestep_vector(t_curr, img)
-        pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t_vec, guidance=guidance_vec)
-        if negative_txt is not None:
-            pred_neg = model(
-                img=img, img_ids=img_ids, txt=negative_txt, txt_ids=txt_ids, timesteps=t_vec, guidance=guidance_vec
-            )
-            pred = pred_neg + cfg_scale * (pred - pred_neg)
-        img = euler_step(img, pred, t_curr, t_prev)
+    with torch.set_grad_enabled(grad):
+        for step, (t_curr, t_prev) in enumerate(tqdm(steps, desc="denoising", disable=not progress)):
+            t_vec = timestep_vector(t_curr, img)
+            sites = {} if interventions is None else {"sites": interventions.sites(step)}
+            inputs = dict(img=img, img_ids=img_ids, txt_ids=txt_ids, timesteps=t_vec, guidance=guidance_vec)
+            pred = model(txt=txt, **inputs, **sites)
+            if negative_txt is not None:
+                pred_neg = model(txt=negative_txt, **inputs)
+                pred = pred_neg + cfg_scale * (pred - pred_neg)
+            img = euler_step(img, pred, t_curr, t_prev)
+    if interventions is not None:
+        interventions.check_visited("the denoising loop")
     return img

@@ -431,6 +431,28 @@ def test_flux_pipeline_caches_and_patches_at_chosen_steps(demo):
     assert not np.array_equal(np.asarray(flux(settings.prompt, **run, interventions=late)), plain)
 
 
+def test_flux2_pipeline_caches_and_patches_at_chosen_steps(tmp_path):
+    from flux_mini.flux2_pipeline import Flux2Pipeline
+    from flux_mini.tiny import build_tiny_flux2_weights
+
+    pipe = Flux2Pipeline.from_folder(build_tiny_flux2_weights(tmp_path / "klein", seed=0))
+    run = dict(width=32, height=32, num_steps=3, seed=4, progress=False)
+    plain = np.asarray(pipe(PROMPT2, **run))
+    chosen = Interventions(pipe.model, cache=["img_in", "single_blocks.*.x"], patches={"*": lambda v: v}, steps=[0, 2])
+    assert np.array_equal(np.asarray(pipe(PROMPT2, **run, interventions=chosen)), plain)
+    assert sorted(chosen.cache) == [0, 2] and len(chosen.cache[2]) == 1 + pipe.model.config.depth_single_blocks
+    noise, _ = pipe.prepare_latents(1, 32, 32, seed=4)
+    txt, _ = pipe.encode_prompt(PROMPT2)
+    assert not torch.is_inference(txt)
+    with torch.no_grad():
+        assert torch.equal(chosen.cache[0]["img_in"], pipe.model.img_in(noise))
+    zeroed = Interventions(pipe.model, patches={"double_blocks.0.img_attn": 0.0})
+    assert not np.array_equal(np.asarray(pipe(PROMPT2, **run, interventions=zeroed)), plain)
+
+
+PROMPT2 = "a red cat on the grass"
+
+
 def test_concept_pipelines_take_interventions(demo):
     pipe, settings = demo
     model, size, concepts = pipe.flux.model, settings.image_size, settings.concepts
