@@ -131,7 +131,8 @@ class ConceptAttentionPipeline:
         `layer_indices` None = the last four double blocks (15-18 on Flux.1), every layer on FLUX.2. With
         `return_vectors`, the raw concept/image attention outputs of `vector_layers` x `vector_steps`
         (default: the averaged ones) are kept on the CPU. FLUX.2 Base checkpoints use real CFG: the maps come
-        from the conditional pass, the empty-prompt pass is a plain one. `interventions`
+        from the conditional pass; interventions' patches reach both passes and the cache holds the conditional
+        one's values (as in `denoise_flux2`). `interventions`
         (`flux_mini.interp.Interventions`) caches or patches named sites at every (or its chosen) steps:
         `out.cache[step][name]`. Autograd is off unless `grad=True`."""
         options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "seed")}  # the parameters
@@ -161,6 +162,8 @@ class ConceptAttentionPipeline:
                 t_vec = timestep_vector(t_curr, img)
                 accumulator.keep_vectors = return_vectors and (vector_steps is None or step in vector_steps)
                 sites = NO_SITES if interventions is None else interventions.sites(step)
+                if negative is not None:  # first, so that the cache keeps the prompt's call (as denoise_flux2)
+                    pred_negative = self._velocity(img, ids, negative, txt_ids, t_vec, y, guidance_vec, sites)
                 if step in steps:  # the same call gives the velocity and this step's maps
                     pred = run_concept_layers(
                         model, img, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
@@ -170,7 +173,6 @@ class ConceptAttentionPipeline:
                 else:
                     pred = self._velocity(img, ids, txt, txt_ids, t_vec, y, guidance_vec, sites)
                 if negative is not None:
-                    pred_negative = self._velocity(img, ids, negative, txt_ids, t_vec, y, guidance_vec)
                     pred = pred_negative + cfg_scale * (pred - pred_negative)
                 img = euler_step(img, pred, t_curr, t_prev)
         check_finite(img, "latents")
@@ -276,8 +278,7 @@ class ConceptAttentionPipeline:
         return check_layers(self.flux.model, range(max(0, depth - 4), depth))
 
     def _check_memory(self, height: int, width: int, num_concepts: int) -> None:
-        if not self.is_flux2:  # the memory estimate models Flux.1's stages (T5, CLIP, its AE)
-            self.flux.check_memory(height, width, 1, num_concepts)
+        self.flux.check_memory(height, width, 1, num_concepts)
 
     def _encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor, Tensor | None]:
         """(txt, txt_ids, y); FLUX.2 has no pooled vector y (None)."""

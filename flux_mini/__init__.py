@@ -1,4 +1,4 @@
-"""flux_mini: a small, exact PyTorch implementation of Flux.1 and FLUX.2: transformers, autoencoder, sampling."""
+"""flux_mini: small, exact PyTorch Flux.1, FLUX.2 and FLUX.3: transformers, autoencoders, sampling."""
 
 from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEncoder, load_autoencoder
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, Flux2AutoEncoderConfig, load_flux2_autoencoder
@@ -6,6 +6,7 @@ from flux_mini.checkpoint import CheckpointError
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.flux2 import Flux2, Flux2Config
+from flux_mini.flux3 import Flux3, Flux3Config
 
 __all__ = [
     "AutoEncoder",
@@ -18,6 +19,9 @@ __all__ = [
     "Flux2AutoEncoderConfig",
     "Flux2Config",
     "Flux2Pipeline",
+    "Flux3",
+    "Flux3Config",
+    "Flux3Pipeline",
     "FluxPipeline",
     "IdentityAutoEncoder",
     "load_autoencoder",
@@ -36,4 +40,8 @@ def __getattr__(name: str):
         from flux_mini.flux2_pipeline import Flux2Pipeline
 
         return Flux2Pipeline
+    if name == "Flux3Pipeline":
+        from flux_mini.flux3_pipeline import Flux3Pipeline
+
+        return Flux3Pipeline
     raise AttributeError(f"module 'flux_mini' has no attribute {name!r}")

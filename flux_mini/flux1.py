@@ -113,6 +113,11 @@ class FluxConfig:
         """Layers whose concept maps are averaged when none are named: the double blocks (the paper's)."""
         return tuple(range(self.depth))
 
+    @property
+    def map_layers(self) -> range:
+        """Every layer that can give concept maps: all of them (single blocks when asked)."""
+        return range(self.num_layers)
+
     @classmethod
     def from_preset(cls, name: str) -> FluxConfig:
         if name not in PRESETS:
@@ -424,6 +429,33 @@ class Flux(nn.Module):
             x, concept = block(x, vec, pe, concepts, num_txt, sites.scoped(f"single_blocks.{index}"))
             concepts = concept.stream if concept is not None else None
             yield LayerOutput(self.config.depth + index, x[:, num_txt:], vec, concept)
+
+    def concept_pass(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        concept_txt: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        concept_y: Tensor | None = None,
+        attention: str = "both",
+        cross_attention: bool = False,
+        values: bool = False,
+        last_layer: int | None = None,
+        sites: Sites = NO_SITES,
+    ) -> Iterator[LayerOutput]:
+        """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation);
+        the stream enters the single blocks only when `last_layer` (None: the last) is one of them."""
+        stream = self.concept_stream(concept_txt, timesteps, concept_y, guidance, attention, cross_attention, values)
+        through_single = last_layer is None or last_layer >= self.config.depth
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, stream, through_single, sites)
+
+    def velocity(self, last: LayerOutput) -> Tensor:
+        """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""
+        return self.final_layer(last.img, last.vec)
 
     def forward(
         self,

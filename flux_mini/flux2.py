@@ -123,6 +123,11 @@ class Flux2Config:
         double blocks (5 of 25 in klein 4B) and deeper layers segment better, so the single blocks count."""
         return tuple(range(self.num_layers))
 
+    @property
+    def map_layers(self) -> range:
+        """Every layer that can give concept maps: all of them."""
+        return range(self.num_layers)
+
     @classmethod
     def from_preset(cls, name: str) -> Flux2Config:
         if name not in PRESETS:
@@ -500,6 +505,32 @@ class Flux2(nn.Module):
             x, concept = block(x, pe, mod, concepts, concept_mod, num_txt, sites.scoped(f"single_blocks.{index}"))
             concepts = concept.stream if concept is not None else None
             yield LayerOutput(self.config.depth + index, x[:, num_txt:], vec, concept)
+
+    def concept_pass(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        concept_txt: Tensor,
+        guidance: Tensor | None = None,
+        concept_ids: Tensor | None = None,
+        attention: str = "both",
+        cross_attention: bool = False,
+        values: bool = False,
+        last_layer: int | None = None,
+        sites: Sites = NO_SITES,
+    ) -> Iterator[LayerOutput]:
+        """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation);
+        the stream enters the single blocks only when `last_layer` (None: the last) is one of them."""
+        stream = self.concept_stream(concept_txt, timesteps, concept_ids, guidance, attention, cross_attention, values)
+        through_single = last_layer is None or last_layer >= self.config.depth
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, stream, through_single, sites)
+
+    def velocity(self, last: LayerOutput) -> Tensor:
+        """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""
+        return self.final_layer(last.img, last.vec)
 
     def forward(
         self,

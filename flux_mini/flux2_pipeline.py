@@ -31,8 +31,10 @@ from torch import Tensor
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux2 import Flux2
 from flux_mini.loading import load_flux
+from flux_mini.memory import RunSize, check_fits, estimate_bytes
 from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, prompt_list
 from flux_mini.sampling import (
+    check_seed,
     denoise_flux2,
     flux2_image_ids,
     flux2_latent_size,
@@ -244,6 +246,36 @@ class Flux2Pipeline:
     def check_size(self, height: int, width: int) -> None:
         self.autoencoder.check_size(height, width)
 
+    def memory_estimate(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> dict[str, int]:
+        """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token
+        per 16x16 pixels (the AE patchifies), the padded text length, the AE's widest full-resolution layer."""
+        config, autoencoder = self.model.config, self.autoencoder
+        h, w = flux2_latent_size(height, width, autoencoder.downsample_factor)
+        llm = self.text_encoder.model.config
+        size = RunSize(
+            batch=batch,
+            image_tokens=h * w,
+            text_tokens=self.text_encoder.max_length,
+            hidden=config.hidden_size,
+            heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            token_channels=config.in_channels,
+            dtype_bytes=self.dtype.itemsize,
+            concepts=concepts,
+            pixels=height * width,
+            autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
+            t5_heads=getattr(llm, "text_config", llm).num_attention_heads,  # the LLM's (B, heads, T, T) scores
+        )
+        return estimate_bytes(size)
+
+    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
+        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
+        check_fits(
+            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            self.autoencoder.downsample_factor, self.device, available,
+            f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
+        )
+
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> txt (B, T, context_in_dim) and txt_ids (B, T, 4), in the pipeline dtype on the device."""
         prompts = prompt_list(prompts)
@@ -307,7 +339,7 @@ class Flux2Pipeline:
     ) -> Tensor:
         """The Euler loop: `guidance` is embedded for [dev], the CFG scale with `negative_txt` for Base, and
         unused by step-distilled klein (see `settings`). `interventions` (`flux_mini.interp.Interventions`)
-        caches or patches named sites per step; autograd only with `grad`."""
+        caches or patches named sites per step (with CFG: see `denoise_flux2`); autograd only with `grad`."""
         guidance = self.defaults.guidance if guidance is None else guidance
         embedded = guidance if self.model.config.use_guidance_embed else None
         if self.defaults.cfg and negative_txt is None:
@@ -342,11 +374,15 @@ class Flux2Pipeline:
     ) -> Image.Image | list[Image.Image]:
         """Generate one image per prompt (a PIL image for a string, a list for a list; prompt i uses seed + i,
         so a list gives the images of a loop). Sizes must be multiples of 16; steps, guidance and size
-        default to the variant's (and sampling.json's). `interventions` (`flux_mini.interp.Interventions`)
-        caches or patches named sites at every (or chosen) steps: `interventions.cache[step][name]`. Runs
-        without autograd."""
-        width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
+        default to the variant's (and sampling.json's). A run the device cannot hold is refused before
+        anything is allocated. `interventions` (`flux_mini.interp.Interventions`) caches or patches named
+        sites at every (or chosen) denoising steps, as in FluxPipeline: `interventions.cache[step][name]`
+        (with CFG, patches reach both passes and the cache holds the prompt's pass: see `denoise_flux2`).
+        Runs without autograd."""
         prompts = prompt_list(prompt)
+        width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
+        check_seed(seed, len(prompts))
+        self.check_memory(height, width, len(prompts))
         with torch.no_grad():
             txt, txt_ids = self.encode_prompt(prompts)
             negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
@@ -356,5 +392,5 @@ class Flux2Pipeline:
                 img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress, interventions
             )
             tokens = check_finite(tokens, "latents")
-            images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "images"))
+            images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "decoded images"))
         return images[0] if isinstance(prompt, str) else images

@@ -30,7 +30,7 @@ from flux_mini.autoencoder import AutoEncoder, IdentityAutoEncoder, load_autoenc
 from flux_mini.convert import config_from_diffusers
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
-from flux_mini.memory import RunSize, RunTooLargeError, available_bytes, estimate_bytes, fitting_size, gib
+from flux_mini.memory import RunSize, check_fits, estimate_bytes
 from flux_mini.sampling import (
     check_seed,
     denoise,
@@ -356,24 +356,10 @@ class FluxPipeline:
 
     def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
         """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
-        available = available_bytes(self.device) if available is None else available
-        parts = self.memory_estimate(height, width, batch, concepts)
-        if max(parts.values()) <= available:
-            return
-        detail = ", ".join(f"{name} {gib(count)}" for name, count in parts.items())
-        what = f"a batch of {batch} at {width}x{height}" if batch > 1 else f"{width}x{height}"
-        multiple = 2 * self.autoencoder.downsample_factor
-        fits = fitting_size(
-            height, width, multiple, lambda h, w: max(self.memory_estimate(h, w, batch, concepts).values()), available
-        )
-        fix = (
-            f"use a size that fits, e.g. width {fits[1]} and height {fits[0]}"
-            if fits
-            else f"no image size fits: lower t5_max_length ({self.t5.max_length}) in the folder's sampling.json"
-        )
-        raise RunTooLargeError(
-            f"{what} needs about {gib(max(parts.values()))} ({detail}) but {self.device} has {gib(available)} "
-            f"free; {fix}"
+        check_fits(
+            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            2 * self.autoencoder.downsample_factor, self.device, available,
+            f"no image size fits: lower t5_max_length ({self.t5.max_length}) in the folder's sampling.json",
         )
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor, Tensor]:

@@ -278,7 +278,6 @@ def get_flux2_schedule(num_steps: int, image_seq_len: int) -> list[float]:
     return time_shift(flux2_mu(image_seq_len, num_steps), 1.0, timesteps).tolist()
 
 
-@torch.no_grad()
 def denoise_flux2(
     model: torch.nn.Module,
     img: Tensor,
@@ -298,20 +297,22 @@ def denoise_flux2(
     Guidance-distilled models ([dev]) take `guidance` through their embedder (None for klein). Base models
     use real classifier-free guidance: with `negative_txt` (the empty prompt's features) and `cfg_scale`,
     each step is pred_neg + cfg_scale * (pred - pred_neg), two model calls. `interventions`
-    (`flux_mini.interp.Interventions`) caches or patches named sites of the conditional call at every (or
-    its chosen) steps; the empty-prompt call is a plain one. Autograd is off unless `grad`."""
+    (`flux_mini.interp.Interventions`) caches or patches named sites at every step, or at its chosen steps,
+    as in `denoise`. With CFG both calls of a step get the same sites: a patch is part of the model at that
+    step, so it reaches both passes; the empty-prompt call runs first, so `cache[step]` ends up holding the
+    prompt's (conditional) values. Autograd is off unless `grad`."""
     if (negative_txt is None) != (cfg_scale is None):
         raise ValueError("classifier-free guidance needs both negative_txt and cfg_scale (or neither)")
     guidance_vec = None if guidance is None else timestep_vector(guidance, img)
     steps = list(zip(timesteps[:-1], timesteps[1:]))
     with torch.set_grad_enabled(grad):
         for step, (t_curr, t_prev) in enumerate(tqdm(steps, desc="denoising", disable=not progress)):
-            t_vec = timestep_vector(t_curr, img)
             sites = {} if interventions is None else {"sites": interventions.sites(step)}
-            inputs = dict(img=img, img_ids=img_ids, txt_ids=txt_ids, timesteps=t_vec, guidance=guidance_vec)
-            pred = model(txt=txt, **inputs, **sites)
+            inputs = dict(img=img, img_ids=img_ids, txt_ids=txt_ids, timesteps=timestep_vector(t_curr, img))
+            if negative_txt is not None:  # first, so that the prompt's call is the one the cache keeps
+                pred_neg = model(**inputs, txt=negative_txt, guidance=guidance_vec, **sites)
+            pred = model(**inputs, txt=txt, guidance=guidance_vec, **sites)
             if negative_txt is not None:
-                pred_neg = model(txt=negative_txt, **inputs)
                 pred = pred_neg + cfg_scale * (pred - pred_neg)
             img = euler_step(img, pred, t_curr, t_prev)
     if interventions is not None:

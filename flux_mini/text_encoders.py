@@ -1,4 +1,4 @@
-"""The frozen text encoders of Flux.1 (T5, CLIP) and FLUX.2 (Qwen3, Mistral), loaded from local folders only.
+"""The frozen text encoders of Flux.1 (T5, CLIP), FLUX.2 (Qwen3, Mistral) and FLUX.3 (Qwen3-VL), local folders only.
 
 T5 (`txt`): every token's last hidden state, (B, max_length, d_model); it carries the prompt's content.
 CLIP (`y`): the pooled vector at the end-of-text token, (B, hidden); it modulates every block.
@@ -406,3 +406,97 @@ class MistralEmbedder(StackedLayersEmbedder):
             for prompt in prompts
         ]
         return self.tokenizer.apply_chat_template(conversations, chat_template=self.chat_template, tokenize=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.3 (flux3-format.md §4): Qwen3-VL-4B-Instruct's text tower, eight depths stacked feature-wise.
+
+
+class Qwen3VLEmbedder(nn.Module):
+    """FLUX.3: the hidden states after Qwen3-VL decoder layers 4, 8, ..., 32 (HF `hidden_states` indices, before
+    the final norm), stacked layer-major into (1, T, 8 x 2560 = 20480).
+
+    One prompt per call: each prompt gets its own window, its templated length rounded up to a multiple of 80
+    (capped at `max_length`), right-padded. The LLM runs with the attention mask and with explicit position ids
+    arange(T), padding positions set to 1 (the training environment's, transformers 4.57); the transformer
+    then attends to every position, padding included, so the window size is part of the recipe. The checkpoint
+    is the full `Qwen3VLForConditionalGeneration`, loaded strictly; only its language model runs, and only up to
+    the deepest layer used."""
+
+    HIDDEN_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)
+    PAD_MULTIPLE = 80
+
+    def __init__(
+        self,
+        folder: str | Path,
+        max_length: int = 8192,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        tokenizer_folder: str | Path | None = None,
+        hidden_layers: tuple[int, ...] = HIDDEN_LAYERS,
+    ):
+        super().__init__()
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        folder = Path(folder)
+        tokenizer_folder = folder if tokenizer_folder is None else Path(tokenizer_folder)
+        _require(tokenizer_folder, ("tokenizer.json", "tokenizer_config.json"), "Qwen3-VL tokenizer")
+        _require(folder, ("config.json",), "Qwen3-VL text encoder config")
+        _require(folder, WEIGHT_FILES, "Qwen3-VL text encoder weights")
+        self.tokenizer = _load_tokenizer(AutoTokenizer, tokenizer_folder, "Qwen3-VL")
+        self.chat_template = self.tokenizer.chat_template or _processor_chat_template(tokenizer_folder)
+        model = _load_exactly(Qwen3VLForConditionalGeneration, folder, "Qwen3-VL", dtype)
+        decoder = model.model.language_model
+        depth = len(decoder.layers)
+        if not hidden_layers or min(hidden_layers) < 1 or max(hidden_layers) >= depth:
+            raise ValueError(f"hidden_layers {list(hidden_layers)} must be decoder layers 1..{depth - 1} of {folder}")
+        decoder.layers = decoder.layers[: max(hidden_layers) + 1]  # the deeper layers never contribute
+        self.decoder = decoder.to(device).eval().requires_grad_(False)
+        self.hidden_layers = tuple(hidden_layers)
+        self.max_length = max_length
+
+    @property
+    def output_dim(self) -> int:
+        """The transformer's context_in_dim: 8 x the LLM width."""
+        return len(self.hidden_layers) * self.decoder.config.hidden_size
+
+    def tokenize(self, prompt: str) -> tuple[Tensor, Tensor]:
+        """One prompt -> (input_ids, attention_mask), each (1, T) with T = its length rounded up to 80."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"FLUX.3 encodes one prompt per call (each has its own window), got {type(prompt)}")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], chat_template=self.chat_template, tokenize=False,
+            add_generation_prompt=True,
+        )  # fmt: skip
+        length = len(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
+        window = min(-(-length // self.PAD_MULTIPLE) * self.PAD_MULTIPLE, self.max_length)
+        batch = self.tokenizer(
+            text, padding="max_length", padding_side="right", truncation=True, max_length=window, return_tensors="pt"
+        )
+        return batch["input_ids"], batch["attention_mask"]
+
+    @torch.no_grad()
+    def forward(self, prompt: str) -> Tensor:
+        """One prompt -> (1, T, 8 x hidden) in the encoder's dtype; T is a multiple of 80."""
+        input_ids, attention_mask = (t.to(self.decoder.device) for t in self.tokenize(prompt))
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        position_ids = position_ids.masked_fill(attention_mask == 0, 1)
+        out = self.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            output_hidden_states=True, use_cache=False,
+        )  # fmt: skip
+        stacked = torch.stack([out.hidden_states[k] for k in self.hidden_layers], dim=1)  # (1, 8, T, hidden)
+        return rearrange(stacked, "b layer t d -> b t (layer d)")
+
+
+def _processor_chat_template(folder: Path) -> str:
+    """A processor's chat template (`chat_template.jinja` / `chat_template.json`), where Qwen3-VL keeps it."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    try:
+        return json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(
+            f"Qwen3-VL tokenizer: no chat template in {folder} (tokenizer_config.json, chat_template.jinja or "
+            "chat_template.json); use the files of Qwen3-VL-4B-Instruct"
+        ) from None

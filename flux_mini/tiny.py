@@ -14,6 +14,7 @@ from flux_mini.autoencoder import AutoEncoder, AutoEncoderConfig, IdentityAutoEn
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.flux2 import Flux2, Flux2Config
+from flux_mini.flux3 import Flux3, Flux3Config
 
 
 def tiny_flux_config(guidance_embed: bool = False, **overrides) -> FluxConfig:
@@ -51,6 +52,26 @@ def tiny_flux2_config(use_guidance_embed: bool = False, **overrides) -> Flux2Con
         use_guidance_embed=use_guidance_embed,
     )
     return Flux2Config(**{**fields, **overrides})
+
+
+
+def tiny_flux3_config(flow_map: bool = True, **overrides) -> Flux3Config:
+    """A tiny FLUX.3 with the official structure: 3 token modes, 4 RoPE axes, head dim 16, SwiGLU ratio 3."""
+    fields = dict(
+        in_channels=16,
+        cond_in_channels=16,
+        out_channels=16,
+        context_in_dim=40,
+        hidden_size=64,
+        mlp_ratio=3.0,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 4, 4, 4),
+        theta=10_000,
+        flow_map=flow_map,
+    )
+    return Flux3Config(**{**fields, **overrides})
 
 
 @torch.no_grad()
@@ -397,4 +418,72 @@ def build_tiny_flux2_weights(folder: str | Path, seed: int = 0, variant: str = "
     save_flux(randomize_(Flux2(config), seed), folder / f"{names[variant]}.safetensors")
     sampling = {"max_length": 64 if dev else 32, "width": 64, "height": 64}  # dev: room for the system turn
     (folder / "sampling.json").write_text(json.dumps(sampling) + "\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.3: a tiny Qwen3-VL text tower and a complete tiny FLUX.3 Klein folder.
+
+# Qwen3-VL-Instruct's template for text-only user turns with the generation prompt (no thinking block)
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_qwen3_vl(folder: str | Path, seed: int = 0, hidden_size: int = 16, num_layers: int = 33) -> Path:
+    """A word-level Qwen tokenizer (chat template, right padding with <|endoftext|>) and a random
+    Qwen3VLForConditionalGeneration (tiny vision tower) deep enough for FLUX.3's hidden layers 4..32."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _word_tokenizer(
+        QWEN3_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>", padding_side="right",
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+            rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[2, 1, 1],
+                                 mrope_interleaved=True),
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size,
+                           deepstack_visual_indexes=[0], num_position_embeddings=16),
+        tie_word_embeddings=True,  # as Qwen3-VL-4B
+    )  # fmt: skip
+    randomize_(Qwen3VLForConditionalGeneration(config), seed, std=0.3).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_flux3_weights(folder: str | Path, seed: int = 0, base: bool = False) -> Path:
+    """Write a random tiny FLUX.3 Klein model in the official repo layout and return the folder:
+
+        flux-3-image-klein-tiny.safetensors   (Base: flux-3-image-klein-base-tiny) BFL keys, config in the metadata
+        ae.safetensors                        a tiny FLUX.2 AE (FLUX.3 shares it) with random BN statistics
+        text_encoder/                         a tiny Qwen3-VL with its tokenizer and chat template
+        sampling.json                         64x64 images
+
+    Deterministic for a seed; no downloads."""
+    from flux_mini.autoencoder_flux2 import Flux2AutoEncoder
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text_width = 16
+    build_tiny_qwen3_vl(folder / "text_encoder", seed=seed + 1, hidden_size=text_width)
+    autoencoder = randomize_(Flux2AutoEncoder(tiny_flux2_autoencoder_config()), seed + 3, std=0.05)
+    generator = torch.Generator().manual_seed(seed + 4)
+    with torch.no_grad():
+        autoencoder.bn.running_mean.copy_(0.3 * torch.randn(autoencoder.latent_channels, generator=generator))
+        autoencoder.bn.running_var.copy_(0.5 + torch.rand(autoencoder.latent_channels, generator=generator))
+    save_file(autoencoder.state_dict(), folder / "ae.safetensors")
+    channels = autoencoder.latent_channels
+    config = tiny_flux3_config(flow_map=not base, in_channels=channels, cond_in_channels=channels,
+                               out_channels=channels, context_in_dim=8 * text_width)  # fmt: skip
+    name = "flux-3-image-klein-base-tiny" if base else "flux-3-image-klein-tiny"
+    save_flux(randomize_(Flux3(config), seed, std=0.05), folder / f"{name}.safetensors")
+    (folder / "sampling.json").write_text(json.dumps({"width": 64, "height": 64, "num_steps": 4}) + "\n")
     return folder
