@@ -313,52 +313,54 @@ def attention_weights(
                              f"{keys!r}")  # fmt: skip
     elif keys == "concepts":
         raise ValueError("no image or text token attends to the concepts: keys='concepts' needs queries='concepts'")
-    blocks = block_names(model)
-    chosen = list(range(len(blocks))) if layers is None else sorted(set(int(i) for i in layers))
-    if not chosen or not all(0 <= i < len(blocks) for i in chosen):
-        raise ValueError(f"layers must be a non-empty subset of 0..{len(blocks) - 1} (double blocks, then single "
+    num_layers = model.config.num_layers
+    chosen = list(range(num_layers)) if layers is None else sorted(set(int(i) for i in layers))
+    if not chosen or not all(0 <= i < num_layers for i in chosen):
+        raise ValueError(f"layers must be a non-empty subset of 0..{num_layers - 1} (double blocks, then single "
                          f"blocks), got {list(layers) if layers is not None else None}")  # fmt: skip
-    reader = AttentionReader({blocks[i]: i for i in chosen}, queries, keys, query_index, chunk_size, stream)
+    reader = AttentionReader(set(chosen), queries, keys, query_index, chunk_size, stream)
+    weights = {}
     for layer in model.layers(*args, sites=reader, **kwargs):
+        if layer.index in reader.wanted:
+            weights[layer.index] = reader.layer_weights(layer.index)
+        reader.held.clear()
+        reader.next_layer = layer.index + 1
         if layer.index >= chosen[-1]:
             break
-    if missing := [i for i in chosen if i not in reader.weights]:
-        raise ValueError(f"layers {missing} gave no concept attention: the concept stream runs through single "
-                         "blocks only with concepts_in_single_blocks=True")  # fmt: skip
-    return reader.weights
-
-
-def block_names(model: nn.Module) -> list[str]:
-    """Site prefixes in layer order: `double_blocks.i`, then `single_blocks.i`."""
-    return [f"{kind}.{i}" for kind in ("double_blocks", "single_blocks") for i in range(len(getattr(model, kind, ())))]
+    return weights
 
 
 class AttentionReader(NamedSites):
-    """Reads q and k at chosen blocks and turns them into weights as soon as both are known."""
+    """Holds the q and k sites of a wanted layer while it runs; `layer_weights` turns them into weights when
+    the model yields that layer (layers are matched by the model's own numbering, whatever its blocks' names)."""
 
-    def __init__(self, blocks: dict[str, int], queries: str, keys: str, query_index, chunk_size: int, stream):
-        self.blocks, self.queries, self.keys, self.chunk_size = blocks, queries, keys, chunk_size
+    def __init__(self, wanted: set[int], queries: str, keys: str, query_index, chunk_size: int, stream):
+        self.wanted, self.next_layer = wanted, 0
+        self.queries, self.keys, self.chunk_size = queries, keys, chunk_size
         self.query_index = None if query_index is None else torch.as_tensor(query_index, dtype=torch.long)
         self.attention = stream.attention if stream is not None else None
         self.num_txt: int | None = None
-        self.held: dict[str, Tensor] = {}
-        self.weights: dict[int, Tensor] = {}
+        self.held: dict[str, tuple[str, Tensor]] = {}  # site -> (block, value), for the current layer
 
     def visit(self, name: str, value: Tensor) -> Tensor:
         if name == "txt_in":
             self.num_txt = value.shape[1]
         block, _, site = name.rpartition(".")
-        if block not in self.blocks:
-            return value
-        if site in ("q", "concept_q"):
-            self.held[site] = value
-        elif site == "k" and self.queries != "concepts":
-            self.weights[self.blocks[block]] = self.joint(self.held.pop("q"), value)
-        elif site == "k":
-            self.held["k_img"] = value[:, :, self.num_txt :]
-        elif site == "concept_k":
-            self.weights[self.blocks[block]] = self.concept(self.held.pop("concept_q"), value, self.held.pop("k_img"))
+        if self.next_layer in self.wanted and site in ("q", "k", "concept_q", "concept_k"):
+            if site in self.held:
+                raise ValueError(f"{self.held[site][0]} and {block} both attend within one layer: attention_weights "
+                                 "reads models with one joint attention per layer")  # fmt: skip
+            self.held[site] = block, value
         return value
+
+    def layer_weights(self, index: int) -> Tensor:
+        held = {site: value for site, (_, value) in self.held.items()}
+        if self.queries != "concepts":
+            return self.joint(held["q"], held["k"])
+        if "concept_q" not in held:
+            raise ValueError(f"layer {index} gave no concept attention: the concept stream runs through single "
+                             "blocks only with concepts_in_single_blocks=True")  # fmt: skip
+        return self.concept(held["concept_q"], held["concept_k"], held["k"][:, :, self.num_txt :])
 
     def span(self, group: str, length: int) -> slice:
         return {"txt": slice(0, self.num_txt), "img": slice(self.num_txt, length), "all": slice(0, length)}[group]

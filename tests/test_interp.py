@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from concept_attention import ConceptAttentionPipeline, compute_concept_maps
 from concept_attention.demo import demo_model
-from flux_mini.flux1 import CONCEPT_SITES, Flux
+from flux_mini.flux1 import Flux
+from flux_mini.flux2 import Flux2
+from flux_mini.layers import CONCEPT_SITES
 from flux_mini.interp import (
     Interventions,
     NamedSites,
@@ -26,42 +29,56 @@ from flux_mini.interp import (
     site_names,
 )
 from flux_mini.sampling import pack
-from flux_mini.tiny import randomize_, tiny_flux_config
+from flux_mini.tiny import randomize_, tiny_flux2_config, tiny_flux_config
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=10, deadline=None)
 
 
-def make_model(dtype=torch.float32, seed=0, **overrides) -> Flux:
-    return randomize_(Flux(tiny_flux_config(**overrides)), seed=seed).eval().to(dtype)
+GENERATIONS = ("flux1", "flux2")
 
 
-MODEL = make_model()
-MODEL64 = make_model(torch.float64, seed=1)
+def make_model(generation="flux1", dtype=torch.float32, seed=0):
+    model = Flux(tiny_flux_config()) if generation == "flux1" else Flux2(tiny_flux2_config())
+    return randomize_(model, seed=seed).eval().to(dtype)
 
 
-def inputs(model: Flux, batch=2, h=3, w=4, txt_len=5, seed=0, **same):
-    """Forward arguments; `same` overrides some (to share t, y and ids between two runs)."""
+MODELS = {generation: make_model(generation) for generation in GENERATIONS}
+MODELS64 = {generation: make_model(generation, torch.float64, seed=1) for generation in GENERATIONS}
+MODEL, MODEL64 = MODELS["flux1"], MODELS64["flux1"]
+
+
+def inputs(model, batch=2, h=3, w=4, txt_len=5, seed=0, **same):
+    """Forward arguments of either generation; `same` overrides some (to share t, y and ids between two runs).
+    FLUX.2 ids: image (1, row, col, 0), text (0, 0, 0, n), so that every RoPE axis moves."""
     g = torch.Generator().manual_seed(seed)
-    c, dtype = model.config, model.img_in.weight.dtype
-    ids = torch.zeros(batch, h * w, 3, dtype=dtype)
-    ids[..., 1], ids[..., 2] = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    c, dtype, axes = model.config, model.img_in.weight.dtype, len(model.config.axes_dim)
+    img_ids, txt_ids = torch.zeros(batch, h * w, axes, dtype=dtype), torch.zeros(batch, txt_len, axes, dtype=dtype)
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    if axes == 4:
+        img_ids[..., 0], txt_ids[..., 3] = 1, torch.arange(txt_len)
     x = dict(
         img=torch.randn(batch, h * w, c.in_channels, generator=g, dtype=dtype),
-        img_ids=ids,
+        img_ids=img_ids,
         txt=torch.randn(batch, txt_len, c.context_in_dim, generator=g, dtype=dtype),
-        txt_ids=torch.zeros(batch, txt_len, 3, dtype=dtype),
+        txt_ids=txt_ids,
         timesteps=torch.rand(batch, generator=g, dtype=dtype),
-        y=torch.randn(batch, c.vec_in_dim, generator=g, dtype=dtype),
     )
+    if isinstance(model, Flux):
+        x["y"] = torch.randn(batch, c.vec_in_dim, generator=g, dtype=dtype)
     return x | same
 
 
-def concept_stream(model: Flux, x: dict, concepts=3, seed=5, attention="both"):
+def concept_stream(model, x: dict, concepts=3, seed=5, attention="both", values=False):
+    """Flux.1: zero concept ids (no rotation); FLUX.2: concept ids (0, 0, 0, 7 + i), so RoPE turns them."""
     g = torch.Generator().manual_seed(seed)
-    c = model.config
-    concept_txt = torch.randn(x["img"].shape[0], concepts, c.context_in_dim, generator=g, dtype=x["img"].dtype)
-    return model.concept_stream(concept_txt, x["timesteps"], attention=attention)
+    batch, dtype = x["img"].shape[0], x["img"].dtype
+    concept_txt = torch.randn(batch, concepts, model.config.context_in_dim, generator=g, dtype=dtype)
+    if isinstance(model, Flux):
+        return model.concept_stream(concept_txt, x["timesteps"], attention=attention, values=values)
+    ids = torch.zeros(batch, concepts, 4)
+    ids[..., 3] = 7 + torch.arange(concepts)
+    return model.concept_stream(concept_txt, x["timesteps"], concept_ids=ids, attention=attention, values=values)
 
 
 class Recorder(NamedSites):
@@ -76,14 +93,16 @@ class Recorder(NamedSites):
 # -- the site list -------------------------------------------------------------------------------------
 
 
-def test_site_list_is_what_the_forward_visits():
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_site_list_is_what_the_forward_visits(generation):
     """SITES (declared beside each forward) name exactly the sites a forward visits, in order."""
-    x = inputs(MODEL)
+    model = MODELS[generation]
+    x = inputs(model)
     full, plain = Recorder(), Recorder()
-    list(MODEL.layers(**x, concepts=concept_stream(MODEL, x), concepts_in_single_blocks=True, sites=full))
-    MODEL(**x, sites=plain)
-    assert full.names == site_names(MODEL)
-    assert plain.names == [n for n in site_names(MODEL) if n.rsplit(".", 1)[-1] not in CONCEPT_SITES]
+    list(model.layers(**x, concepts=concept_stream(model, x), concepts_in_single_blocks=True, sites=full))
+    model(**x, sites=plain)
+    assert full.names == site_names(model)
+    assert plain.names == [n for n in site_names(model) if n.rsplit(".", 1)[-1] not in CONCEPT_SITES]
     assert "double_blocks.1.img_attn" in plain.names and "single_blocks.0.mlp" in plain.names
 
 
@@ -202,29 +221,38 @@ def test_cache_keeps_only_what_was_asked():
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000), batch=st.integers(1, 3), pattern=st.sampled_from(["*", "double_blocks.*", "*.q"]))
-def test_identity_patch_is_bit_identical(seed, batch, pattern):
-    x = inputs(MODEL, batch=batch, seed=seed)
+@given(
+    generation=st.sampled_from(GENERATIONS),
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 3),
+    pattern=st.sampled_from(["*", "double_blocks.*", "*.q", "*concept*"]),
+)
+def test_identity_patch_is_bit_identical(generation, seed, batch, pattern):
+    model = MODELS[generation]
+    x = inputs(model, batch=batch, seed=seed)
+    identity = {pattern: lambda v: v}
     with torch.no_grad():
-        plain = MODEL(**x)
-        assert torch.equal(run_with_patches(MODEL, **x, patches={pattern: lambda v: v}), plain)
-        concept_txt = torch.randn(batch, 2, MODEL.config.context_in_dim, generator=torch.Generator().manual_seed(seed))
-        maps = compute_concept_maps(MODEL, **x, concept_txt=concept_txt, layers=[0, 1, 2])
-        patched = run_with_patches(compute_concept_maps, MODEL, **x, concept_txt=concept_txt, layers=[0, 1, 2],
-                                   patches={pattern: lambda v: v})  # fmt: skip
+        if "concept" not in pattern:
+            assert torch.equal(run_with_patches(model, **x, patches=identity), model(**x))
+        concept_txt = torch.randn(batch, 2, model.config.context_in_dim, generator=torch.Generator().manual_seed(seed))
+        maps = compute_concept_maps(model, **x, concept_txt=concept_txt, layers=[0, 1, 2])
+        patched = run_with_patches(compute_concept_maps, model, **x, concept_txt=concept_txt, layers=[0, 1, 2],
+                                   patches=identity)  # fmt: skip
         assert torch.equal(maps, patched)
 
 
-def test_patching_both_streams_after_the_last_double_block_reproduces_the_other_run():
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_patching_both_streams_after_the_last_double_block_reproduces_the_other_run(generation):
     """Same t, y and positions; different image and text: the single blocks then see the other run."""
-    a = inputs(MODEL, seed=1)
-    b = inputs(MODEL, seed=2, timesteps=a["timesteps"], y=a["y"])
-    last = f"double_blocks.{MODEL.config.depth - 1}"
+    model = MODELS[generation]
+    a = inputs(model, seed=1)
+    b = inputs(model, seed=2, **{name: a[name] for name in ("timesteps", "y") if name in a})
+    last = f"double_blocks.{model.config.depth - 1}"
     with torch.no_grad():
-        target, source = MODEL(**a), MODEL(**b)
-        _, cache = run_with_cache(MODEL, **b, names=[f"{last}.img", f"{last}.txt"])
-        patched = run_with_patches(MODEL, **a, patches=cache)
-        only_img = run_with_patches(MODEL, **a, patches={f"{last}.img": cache[f"{last}.img"]})
+        target, source = model(**a), model(**b)
+        _, cache = run_with_cache(model, **b, names=[f"{last}.img", f"{last}.txt"])
+        patched = run_with_patches(model, **a, patches=cache)
+        only_img = run_with_patches(model, **a, patches={f"{last}.img": cache[f"{last}.img"]})
     assert not torch.allclose(target, source)
     assert torch.equal(patched, source)
     assert not torch.allclose(only_img, source)  # the text stream matters too
@@ -278,8 +306,10 @@ def naive_weights(q, k):
 
 
 @pytest.mark.parametrize("queries,keys", [("img", "txt"), ("txt", "img"), ("img", "img"), ("all", "all")])
-def test_attention_weights_equal_naive_softmax_rows(queries, keys):
-    model, cfg = MODEL64, MODEL64.config
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_attention_weights_equal_naive_softmax_rows(generation, queries, keys):
+    model = MODELS64[generation]
+    cfg = model.config
     x = inputs(model, seed=6)
     T, L = x["txt"].shape[1], x["img"].shape[1]
     span = {"txt": slice(0, T), "img": slice(T, T + L), "all": slice(0, T + L)}
@@ -309,11 +339,13 @@ def test_attention_weights_equal_naive_softmax_rows(queries, keys):
 
 
 @pytest.mark.parametrize("attention,keys", [("both", "img"), ("both", "concepts"), ("both", "all"), ("cross", "img")])
-def test_concept_attention_weights(attention, keys):
-    model, cfg = MODEL64, MODEL64.config
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_concept_attention_weights(generation, attention, keys):
+    model = MODELS64[generation]
+    cfg = model.config
     x = inputs(model, seed=8)
     T = x["txt"].shape[1]
-    stream = concept_stream(model, x, attention=attention)
+    stream = concept_stream(model, x, attention=attention, values=True)
     names = ["double_blocks.1.concept_q", "double_blocks.1.concept_k", "double_blocks.1.k",
              "single_blocks.0.concept_q", "single_blocks.0.concept_k", "single_blocks.0.k"]  # fmt: skip
     with torch.no_grad():
@@ -326,6 +358,12 @@ def test_concept_attention_weights(attention, keys):
         r = k_c.shape[2] if attention == "both" else 0
         columns = {"img": slice(r, None), "concepts": slice(0, r), "all": slice(None)}[keys]
         torch.testing.assert_close(weights[layer], every[..., columns], rtol=1e-12, atol=1e-12)
+        if keys == "all":  # the weights are what the forward used: they rebuild the concept attention output
+            got = layers[layer].concepts
+            values = [got.concept_values, got.image_values] if attention == "both" else [got.image_values]
+            values = rearrange(torch.cat(values, dim=1), "b n (h d) -> b h n d", h=cfg.num_heads)
+            out = rearrange(weights[layer] @ values, "b h r d -> b r (h d)")
+            torch.testing.assert_close(out, got.concept_out, rtol=1e-10, atol=1e-10)
     assert len(layers) == cfg.num_layers
 
 
@@ -393,6 +431,28 @@ def test_flux_pipeline_caches_and_patches_at_chosen_steps(demo):
     assert not np.array_equal(np.asarray(flux(settings.prompt, **run, interventions=late)), plain)
 
 
+def test_flux2_pipeline_caches_and_patches_at_chosen_steps(tmp_path):
+    from flux_mini.flux2_pipeline import Flux2Pipeline
+    from flux_mini.tiny import build_tiny_flux2_weights
+
+    pipe = Flux2Pipeline.from_folder(build_tiny_flux2_weights(tmp_path / "klein", seed=0))
+    run = dict(width=32, height=32, num_steps=3, seed=4, progress=False)
+    plain = np.asarray(pipe(PROMPT2, **run))
+    chosen = Interventions(pipe.model, cache=["img_in", "single_blocks.*.x"], patches={"*": lambda v: v}, steps=[0, 2])
+    assert np.array_equal(np.asarray(pipe(PROMPT2, **run, interventions=chosen)), plain)
+    assert sorted(chosen.cache) == [0, 2] and len(chosen.cache[2]) == 1 + pipe.model.config.depth_single_blocks
+    noise, _ = pipe.prepare_latents(1, 32, 32, seed=4)
+    txt, _ = pipe.encode_prompt(PROMPT2)
+    assert not torch.is_inference(txt)
+    with torch.no_grad():
+        assert torch.equal(chosen.cache[0]["img_in"], pipe.model.img_in(noise))
+    zeroed = Interventions(pipe.model, patches={"double_blocks.0.img_attn": 0.0})
+    assert not np.array_equal(np.asarray(pipe(PROMPT2, **run, interventions=zeroed)), plain)
+
+
+PROMPT2 = "a red cat on the grass"
+
+
 def test_concept_pipelines_take_interventions(demo):
     pipe, settings = demo
     model, size, concepts = pipe.flux.model, settings.image_size, settings.concepts
@@ -430,6 +490,21 @@ def test_pipelines_run_under_autograd_when_asked(demo):
 
 
 # -- errors ----------------------------------------------------------------------------------------------
+
+
+def test_attention_weights_refuse_a_layer_with_two_attentions():
+    """A model whose layer runs two attentions (each with q and k sites) would be read wrongly: refused."""
+
+    class TwoAttentions(torch.nn.Module):
+        config = type("Config", (), {"num_layers": 1})
+
+        def layers(self, q, sites):
+            for block in ("a.0", "b.0"):
+                sites.scoped(block)("q", q), sites.scoped(block)("k", q)
+            yield type("Layer", (), {"index": 0})
+
+    with pytest.raises(ValueError, match="a.0 and b.0 both attend within one layer"):
+        attention_weights(TwoAttentions(), torch.zeros(1, 1, 2, 4), layers=[0])
 
 
 @pytest.mark.parametrize(
