@@ -30,14 +30,17 @@ def add_common(parser: argparse.ArgumentParser, steps: bool) -> None:
     parser.add_argument("--concepts", nargs="+", required=True, help="concept words, e.g. cat sky grass")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the maps and pictures")
     add_size_options(parser, steps, what="pixels" if steps else "resize the image to this many pixels")
-    parser.add_argument("--layers", type=int, nargs="+", help="layer numbers (default: the last 4 double blocks)")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="layer numbers (default: Flux.1 the last 4 double blocks, FLUX.2 every layer)")
     parser.add_argument("--no-softmax", action="store_true", help="average raw scores instead of softmax maps")
     parser.add_argument("--normalize", choices=["linear"], help="linear concept normalisation (default: none)")
     parser.add_argument("--blur", action="store_true", help="3x3 Gaussian blur of the final maps")
     parser.add_argument("--attention", choices=["both", "cross", "self", "none"], default="both",
                         help="what the concept queries attend to")
-    parser.add_argument("--concept-encoding", choices=["first_token", "mean"], default="first_token",
-                        help="how a concept word becomes one T5 vector")
+    parser.add_argument("--concept-encoding", choices=["first_token", "mean", "authors"], default="first_token",
+                        help="how a concept word becomes one text vector (authors: FLUX.2's fixed position 510)")
+    parser.add_argument("--concept-positions", choices=["zero", "authors"], default="zero",
+                        help="FLUX.2 concept RoPE ids: zero, or the authors' (0, 0, 0, 510)")
     parser.add_argument("--overlay", action="store_true", help="draw the maps over the image in the figures")
     add_run_options(parser)
 
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--t", type=float, help="noise time in [0, 1], overrides --noise-timestep")
     encode.add_argument("--num-samples", type=positive_int, default=1, help="noise samples averaged (seed + i)")
     encode.add_argument("--samples", dest="num_samples", type=positive_int, help=argparse.SUPPRESS)  # old spelling
-    add_eval_arguments(commands.add_parser("eval", help="zero-shot segmentation benchmark"))
+    add_eval_arguments(commands.add_parser("eval", help="zero-shot segmentation benchmark",
+                                           formatter_class=HelpFormatter))
     return parser
 
 
@@ -144,7 +148,8 @@ def run(args: argparse.Namespace, weights: Path, label: str | None) -> None:
         pipe = ConceptAttentionPipeline.from_folder(weights, device=device, dtype=resolve_dtype(args.dtype, device))
     options = dict(
         layer_indices=args.layers, softmax=not args.no_softmax, normalize=args.normalize, blur=args.blur,
-        attention=args.attention, concept_encoding=args.concept_encoding, seed=args.seed, width=args.width,
+        attention=args.attention, concept_encoding=args.concept_encoding, concept_positions=args.concept_positions,
+        seed=args.seed, width=args.width,
         height=args.height, guidance=args.guidance, progress=not args.quiet,
     )
     if args.command == "generate":

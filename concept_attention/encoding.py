@@ -1,4 +1,5 @@
-"""Concept words -> concept embeddings in T5 space, one concept at a time."""
+"""Concept words -> concept embeddings in the text-feature space (Flux.1: T5; FLUX.2: the chat LLM), one concept
+at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from flux_mini.text_encoders import T5Embedder
+from flux_mini.text_encoders import StackedLayersEmbedder, T5Embedder
 
 ENCODINGS = ("first_token", "mean")
 
@@ -90,3 +91,42 @@ def encode_concepts(t5: T5Embedder, concepts: Sequence[str], encoding: str = "fi
     if (own.sum(dim=1) == 0).any():
         raise ValueError(f"a concept in {list(concepts)!r} has no tokens of its own after tokenisation")
     return torch.einsum("rld,rl->rd", hidden, own) / own.sum(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.2: concepts through the chat LLM, each as its own prompt (in the template, padded as a prompt)
+
+FLUX2_ENCODINGS = ("first_token", "mean", "authors")
+
+
+def authors_concept_position(max_length: int) -> int:
+    """The text position the authors' FLUX.2 port reads every concept from: 510 of 512, i.e. the last but one."""
+    return max_length - 2
+
+
+@torch.no_grad()
+def encode_concepts_flux2(embedder: StackedLayersEmbedder, concepts: Sequence[str], encoding: str = "first_token"):
+    """Each concept as a prompt through the FLUX.2 text encoder -> (r, context_in_dim) features.
+
+    `first_token` (default): the features at the first token of the concept's own text, i.e. the concept
+    in the context of the chat template, as the prompt's words are. `mean`: the mean over the concept's
+    own tokens (all pieces of a multi-token word). `authors`: the features at the fixed position
+    `max_length - 2` (510 of 512), as the authors' port does; with left padding ([dev]) that is near the
+    end of the template, with right padding ([klein]) it is padding."""
+    if encoding not in FLUX2_ENCODINGS:
+        raise ValueError(f"FLUX.2 concept encoding must be one of {FLUX2_ENCODINGS}, got {encoding!r}")
+    concepts = check_concepts(concepts)
+    features = embedder(concepts)  # (r, T, C)
+    if encoding == "authors":
+        return features[:, authors_concept_position(embedder.max_length)]
+    own = embedder.prompt_tokens(concepts).to(features.device)  # (r, T)
+    empty = [c for c, row in zip(concepts, own) if not row.any()]
+    if empty:
+        raise ValueError(
+            f"the concept(s) {empty!r} have no tokens left after the chat template at max_length "
+            f"{embedder.max_length}: raise max_length (sampling.json) or shorten them"
+        )
+    if encoding == "first_token":
+        return features[torch.arange(len(concepts)), own.int().argmax(dim=1)]
+    weights = own.to(features.dtype)
+    return torch.einsum("rtc,rt->rc", features, weights) / weights.sum(dim=1, keepdim=True)

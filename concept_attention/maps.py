@@ -4,11 +4,12 @@ A map is a (B, r, N) tensor: for each image token, one value per concept. Per la
 the scores become a distribution over concepts (softmax), then a running mean over the chosen layers
 and timesteps keeps memory at O(r x N) however many steps and layers are read.
 
-Works for every generation through the interface they share: `model.concept_stream(concept_txt,
-timesteps, guidance=..., attention=..., ...)`, `model.layers(img, img_ids, txt, txt_ids, timesteps,
-guidance=..., concepts=..., concepts_in_single_blocks=...)`, `model.final_layer(img, vec)` and
-`config.concept_layers`. Inputs only one generation has (Flux.1's pooled `y` and `concept_y`, FLUX.2's
-`concept_ids`) are passed on by name when given.
+Works for every generation through the interface they share: `model.concept_pass(img, img_ids, txt,
+txt_ids, timesteps, concept_txt, ..., attention=, cross_attention=, values=, last_layer=)` (their `layers`
+with a fresh concept stream), `model.velocity(last_layer_output)`, `config.concept_layers` (the default
+layers) and `config.map_layers` (the layers that can give maps). Inputs only some generations have
+(Flux.1's `y`, `guidance`, `concept_y`; FLUX.2's `guidance`, `concept_ids`; FLUX.3's `cond`, `cond_ids`,
+`target_timesteps`) are passed on by name when given.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flux_mini.layers import LayerOutput
+from flux_mini.layers import NO_SITES, LayerOutput, Sites
 
 SPACES = ("output", "cross_attention", "value")
 NORMALIZATIONS = (None, "linear")
@@ -125,17 +126,19 @@ def given(**inputs) -> dict:
 
 
 def check_layers(model: nn.Module, layers: Iterable[int] | None) -> list[int]:
-    """Validate layer numbers (double blocks 0..depth-1, single blocks after); None = the model's default,
-    `config.concept_layers` (Flux.1: the double blocks; FLUX.2: every layer)."""
+    """Validate layer numbers against `config.map_layers` (Flux.1, FLUX.2: double blocks 0..depth-1, single
+    blocks after; FLUX.3: the joint blocks); None = the model's default, `config.concept_layers` (Flux.1: the
+    double blocks; FLUX.2: every layer; FLUX.3: every joint block)."""
     config = model.config
     chosen = list(config.concept_layers) if layers is None else sorted(set(int(i) for i in layers))
     if not chosen:
         raise ValueError("no layers requested: pass layer numbers, or None for the model's default layers")
-    bad = [i for i in chosen if not 0 <= i < config.num_layers]
+    valid = config.map_layers
+    bad = [i for i in chosen if i not in valid]
     if bad:
         raise ValueError(
-            f"layers {bad} do not exist: this model has double blocks 0..{config.depth - 1} and single blocks "
-            f"{config.depth}..{config.num_layers - 1}"
+            f"layers {bad} do not exist or give no concept maps: this {type(model).__name__} maps layers "
+            f"{valid.start}..{valid.stop - 1} (see `layers` in its module for the numbering)"
         )
     return chosen
 
@@ -157,36 +160,31 @@ def run_concept_layers(
     need_output: bool = False,
     step: int | None = None,
     concept_ids: Tensor | None = None,
+    sites: Sites = NO_SITES,
+    **conditioning: Tensor | None,
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
 
-    `y`, `concept_y`: Flux.1's pooled inputs (None for FLUX.2); `concept_ids`: FLUX.2's concept RoPE ids.
-    Without `need_output` the pass stops after the last requested layer (maps cost no more than the
-    blocks they read); with it, it runs to the end and returns the velocity (B, L, out_channels)."""
-    stream = model.concept_stream(
-        concept_txt,
-        timesteps,
-        guidance=guidance,
-        attention=attention,
-        cross_attention="cross_attention" in accumulator.spaces,
-        values="value" in accumulator.spaces,
-        **given(concept_y=concept_y, concept_ids=concept_ids),
-    )
+    `y`, `concept_y`: Flux.1's pooled inputs (None otherwise); `guidance`: Flux.1 dev and FLUX.2 dev;
+    `concept_ids`: FLUX.2's concept RoPE ids; `conditioning`: any other generation's inputs by name (FLUX.3:
+    `cond`, `cond_ids`, `target_timesteps`). Without `need_output` the pass stops after the last requested
+    layer (maps cost no more than the blocks they read); with it, it runs to the end and returns the velocity
+    (B, L, out_channels). `sites` caches or patches named values on the way (`flux_mini.interp`)."""
     wanted, last = set(layers), max(layers)
-    through_single = last >= model.config.depth
-    passes = model.layers(
-        img, img_ids, txt, txt_ids, timesteps, guidance=guidance, concepts=stream,
-        concepts_in_single_blocks=through_single, **given(y=y),
+    passes = model.concept_pass(
+        img, img_ids, txt, txt_ids, timesteps, concept_txt,
+        **given(y=y, guidance=guidance, concept_y=concept_y, concept_ids=concept_ids, **conditioning),
+        attention=attention, cross_attention="cross_attention" in accumulator.spaces,
+        values="value" in accumulator.spaces, last_layer=None if need_output else last, sites=sites,
     )  # fmt: skip
     for layer in passes:
         if layer.index in wanted:
             accumulator.add(layer, step)
         if not need_output and layer.index >= last:
             return None
-    return model.final_layer(layer.img, layer.vec)
+    return model.velocity(layer)
 
 
-@torch.no_grad()
 def compute_concept_maps(
     model: nn.Module,
     img: Tensor,
@@ -203,18 +201,24 @@ def compute_concept_maps(
     softmax: bool = True,
     attention: str = "both",
     concept_ids: Tensor | None = None,
+    sites: Sites = NO_SITES,
+    **conditioning: Tensor | None,
 ) -> Tensor:
     """Concept maps (B, r, N) for one model call: the mean over `layers` of each layer's map.
 
     `timesteps` is the diffusion time as in the model's forward; `concept_txt` the concept embeddings in
     the text-feature space (B, r, context_in_dim). Flux.1: `y` the pooled vector, `concept_y` the concept
     stream's pooled input (zeros when None). FLUX.2: no `y`; `concept_ids` (B, r, 4) the concepts' RoPE
-    ids (zeros when None). `layers` None = `model.config.concept_layers`."""
+    ids (zeros when None). FLUX.3: no `y`; `cond`, `cond_ids` (reference tokens) and `target_timesteps`
+    (the flow map) as in its forward. `layers` None = `model.config.concept_layers`. Differentiable: wrap it in
+    `torch.no_grad()` unless gradients are wanted (attribution). `sites` caches or patches named values
+    (`flux_mini.interp`)."""
     check_concept_txt(model, concept_txt, img.shape[0])
     accumulator = MapAccumulator(spaces=(space,), softmax=softmax)
     run_concept_layers(
         model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, check_layers(model, layers),
-        guidance=guidance, concept_y=concept_y, attention=attention, concept_ids=concept_ids,
+        guidance=guidance, concept_y=concept_y, attention=attention, concept_ids=concept_ids, sites=sites,
+        **conditioning,
     )
     return accumulator.mean()[space]
 

@@ -39,7 +39,7 @@ def heatmap(
 
 def heatmaps(maps: Tensor, size: tuple[int, int] | None = None, cmap: str = DEFAULT_CMAP) -> list[Image.Image]:
     """(r, h, w) maps -> one picture per concept, on a shared colour range."""
-    lo, hi = float(maps.min()), float(maps.max())
+    lo, hi = float(maps.detach().min()), float(maps.detach().max())
     return [heatmap(m, size, cmap, lo, hi) for m in maps]
 
 
@@ -68,7 +68,7 @@ def concept_grid(
 
     if maps.shape[0] != len(concepts):
         raise ValueError(f"{maps.shape[0]} maps for {len(concepts)} concepts: they must match")
-    lo, hi = float(maps.min()), float(maps.max())
+    lo, hi = float(maps.detach().min()), float(maps.detach().max())
     fig, axes = plt.subplots(
         1, len(concepts) + 1, figsize=(2.4 * (len(concepts) + 1) + 0.6, 2.6), squeeze=False, layout="constrained"
     )

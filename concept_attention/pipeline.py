@@ -6,6 +6,7 @@ does not grow with steps x layers. API names follow the authors' `ConceptAttenti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +17,48 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-from concept_attention.encoding import check_concept_tokens, check_concepts, encode_concepts
+from concept_attention.encoding import (
+    authors_concept_position,
+    check_concept_tokens,
+    check_concepts,
+    encode_concepts,
+    encode_concepts_flux2,
+)
 from concept_attention.images import to_rgb
 from concept_attention.maps import SPACES, MapAccumulator, check_layers, gaussian_blur3x3, run_concept_layers
 from concept_attention.pictures import heatmaps
+from flux_mini.flux2 import concept_position_ids
+from flux_mini.flux2_pipeline import Flux2Pipeline, is_flux2_folder
+from flux_mini.layers import NO_SITES
 from flux_mini.pipeline import FluxPipeline, check_finite, prompt_list
-from flux_mini.sampling import check_seed, euler_step, latent_size, pack, timestep_vector
+from flux_mini.sampling import (
+    check_seed,
+    euler_step,
+    flux2_latent_size,
+    flux2_pack,
+    latent_size,
+    pack,
+    timestep_vector,
+)
 
 CONCEPT_POOLED = ("zero", "clip")
+CONCEPT_POSITIONS = ("zero", "authors")  # FLUX.2 concept RoPE ids: (0, 0, 0, 0), or the authors' (0, 0, 0, 510)
+
+
+def no_grad_unless_asked(method):
+    """Run `method` without autograd unless it is called with `grad=True` (gradient attribution)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch.set_grad_enabled(kwargs.get("grad", False)):
+            return method(*args, **kwargs)
+
+    return run
 
 
 @dataclass
 class ConceptAttentionOutput:
-    """Maps are (r, h, w) on the token grid (h = height / 16 for Flux.1); heatmaps are PIL pictures at
+    """Maps are (r, h, w) on the token grid (h = height / 16 for Flux.1 and FLUX.2); heatmaps are PIL pictures at
     the image size, one per concept, on a shared colour range."""
 
     image: Image.Image
@@ -40,22 +70,31 @@ class ConceptAttentionOutput:
     cross_attention_heatmaps: list[Image.Image] | None
     layer_maps: dict[str, Tensor] | None = None  # space -> (layers, r, h, w) when per_layer
     vectors: list[dict] | None = None  # raw o_c / o_x per (step, layer) when asked
+    cache: dict[int, dict[str, Tensor]] | None = None  # step (or sample) -> site -> value, with `interventions`
 
 
 class ConceptAttentionPipeline:
-    """A FluxPipeline that also returns concept maps. Build it with `from_folder` (same folders as
-    FluxPipeline) or around an existing FluxPipeline."""
+    """A FluxPipeline or Flux2Pipeline that also returns concept maps. Build it with `from_folder` (the
+    generation is read from the folder) or around an existing pipeline.
 
-    def __init__(self, flux: FluxPipeline):
+    FLUX.2 differs in what it has: no pooled vector (`pooled`, `concept_pooled` stay "zero"), concept
+    encodings "first_token" / "mean" / "authors" through the chat LLM, concept RoPE ids "zero" or "authors"
+    (`concept_positions`), real CFG for Base checkpoints (maps from the conditional pass), and by default
+    maps from every layer: FLUX.2 has few double blocks (5 of 25 in klein 4B) and deeper layers segment
+    better, so the single blocks count too."""
+
+    def __init__(self, flux: FluxPipeline | Flux2Pipeline):
         self.flux = flux
+        self.is_flux2 = isinstance(flux, Flux2Pipeline)
 
     @classmethod
     def from_folder(cls, path: str | Path, **kwargs) -> ConceptAttentionPipeline:
-        return cls(FluxPipeline.from_folder(path, **kwargs))
+        pipeline = Flux2Pipeline if is_flux2_folder(path) else FluxPipeline
+        return cls(pipeline.from_folder(path, **kwargs))
 
     # -- the two entry points -------------------------------------------------------------------
 
-    @torch.no_grad()
+    @no_grad_unless_asked
     def generate_image(
         self,
         prompt: str | list[str],
@@ -79,6 +118,9 @@ class ConceptAttentionPipeline:
         vector_layers: Sequence[int] | None = None,
         vector_steps: Sequence[int] | None = None,
         progress: bool = True,
+        concept_positions: str = "zero",
+        interventions=None,
+        grad: bool = False,
     ) -> ConceptAttentionOutput | list[ConceptAttentionOutput]:
         """Generate an image for `prompt` and the maps of `concepts` from the same model calls.
 
@@ -86,9 +128,13 @@ class ConceptAttentionPipeline:
         [schnell]: 1024x1024, 4 steps; [dev]: 50 steps, guidance 3.5; the demo model: its own). A list of
         prompts gives a list of outputs, prompt i with seed + i (or the next draws of a Generator).
         `timesteps` are indices of the denoising steps whose maps are averaged (None = all);
-        `layer_indices` None = the last four double blocks (15-18 on Flux.1). With `return_vectors`,
-        the raw concept/image attention outputs of `vector_layers` x `vector_steps` (default: the
-        averaged ones) are kept on the CPU."""
+        `layer_indices` None = the last four double blocks (15-18 on Flux.1), every layer on FLUX.2. With
+        `return_vectors`, the raw concept/image attention outputs of `vector_layers` x `vector_steps`
+        (default: the averaged ones) are kept on the CPU. FLUX.2 Base checkpoints use real CFG: the maps come
+        from the conditional pass; interventions' patches reach both passes and the cache holds the conditional
+        one's values (as in `denoise_flux2`). `interventions`
+        (`flux_mini.interp.Interventions`) caches or patches named sites at every (or its chosen) steps:
+        `out.cache[step][name]`. Autograd is off unless `grad=True`."""
         options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "seed")}  # the parameters
         if not isinstance(prompt, str):
             prompts = prompt_list(prompt)
@@ -102,29 +148,38 @@ class ConceptAttentionPipeline:
         layers = self._layers(layer_indices)
         steps = self._steps(timesteps, num_inference_steps)
         accumulator = self._accumulator(spaces, softmax, normalize, per_layer, return_vectors, vector_layers, layers)
-        flux.check_memory(height, width, 1, len(concepts))
-        txt, txt_ids, y = flux.encode_prompt([prompt])
-        concept_txt, concept_y = self._concept_inputs(concepts, concept_encoding, concept_pooled, softmax)
-        img, ids = flux.prepare_latents(1, height, width, seed)  # (1, L, 4z), (1, L, 3)
+        self._check_memory(height, width, len(concepts))
+        txt, txt_ids, y = self._encode_prompt(prompt)
+        concept_txt, concept_y, concept_ids = self._concept_inputs(
+            concepts, concept_encoding, concept_pooled, softmax, concept_positions
+        )
+        img, ids = flux.prepare_latents(1, height, width, seed)  # (1, L, channels), (1, L, 3 or 4 axes)
         schedule = flux.timesteps(num_inference_steps, img.shape[1])
-        guidance_vec = None if guidance is None else timestep_vector(guidance, img)
+        guidance_vec, cfg_scale = self._guidance(guidance, img)
+        negative = self._encode_prompt("")[0] if cfg_scale is not None else None  # FLUX.2 Base: real CFG
         with flux.on_device(model):
             for step, (t_curr, t_prev) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
                 t_vec = timestep_vector(t_curr, img)
                 accumulator.keep_vectors = return_vectors and (vector_steps is None or step in vector_steps)
+                sites = NO_SITES if interventions is None else interventions.sites(step)
+                if negative is not None:  # first, so that the cache keeps the prompt's call (as denoise_flux2)
+                    pred_negative = self._velocity(img, ids, negative, txt_ids, t_vec, y, guidance_vec, sites)
                 if step in steps:  # the same call gives the velocity and this step's maps
                     pred = run_concept_layers(
                         model, img, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
                         guidance=guidance_vec, concept_y=concept_y, attention=attention, need_output=True, step=step,
+                        concept_ids=concept_ids, sites=sites,
                     )
                 else:
-                    pred = model(img, ids, txt, txt_ids, t_vec, y, guidance_vec)
+                    pred = self._velocity(img, ids, txt, txt_ids, t_vec, y, guidance_vec, sites)
+                if negative is not None:
+                    pred = pred_negative + cfg_scale * (pred - pred_negative)
                 img = euler_step(img, pred, t_curr, t_prev)
         check_finite(img, "latents")
         image = flux.to_pil(check_finite(flux.decode_tokens(img, height, width), "decoded images"))[0]
-        return self._output(image, concepts, accumulator, self._token_grid(height, width), blur)
+        return self._output(image, concepts, accumulator, self._token_grid(height, width), blur, interventions)
 
-    @torch.no_grad()
+    @no_grad_unless_asked
     def encode_image(
         self,
         image: Image.Image | Tensor,
@@ -151,6 +206,9 @@ class ConceptAttentionPipeline:
         return_vectors: bool = False,
         vector_layers: Sequence[int] | None = None,
         progress: bool = False,
+        concept_positions: str = "zero",
+        interventions=None,
+        grad: bool = False,
     ) -> ConceptAttentionOutput:
         """Maps of a real image: encode it, noise it to time t, one pass per noise sample (seed + i),
         stopping after the last requested layer; the maps are averaged over the samples.
@@ -161,7 +219,9 @@ class ConceptAttentionPipeline:
         to `width` x `height` (multiples of 16), by default the model folder's size (1024x1024 for FLUX.1,
         as the authors' encode_image; the demo model's 32x32); pass image.width and image.height to keep
         its own size. PIL images are taken the right way up (EXIF), 16-bit and float ones by value range.
-        `guidance` (dev family only) defaults to the folder's."""
+        `guidance` (dev family only) defaults to the folder's. `interventions` (`flux_mini.interp.Interventions`)
+        caches or patches named sites per noise sample (its steps are the sample numbers):
+        `out.cache[sample][name]`; the passes stop after the last map layer. Autograd is off unless `grad=True`."""
         flux, model = self.flux, self.flux.model
         concepts = check_concepts(concepts)
         if pooled not in CONCEPT_POOLED:
@@ -175,15 +235,20 @@ class ConceptAttentionPipeline:
         layers = self._layers(layer_indices)
         accumulator = self._accumulator(spaces, softmax, normalize, per_layer, return_vectors, vector_layers, layers)
         accumulator.keep_vectors = return_vectors
-        flux.check_memory(height, width, 1, len(concepts))
+        self._check_memory(height, width, len(concepts))
+        if self.is_flux2 and pooled != "zero":
+            raise ValueError(f"pooled={pooled!r}: FLUX.2 has no pooled text vector; leave pooled='zero'")
         picture, pixels = self._image_tensor(image, width, height)
+        pack_tokens = flux2_pack if self.is_flux2 else pack
         with flux.on_device(flux.autoencoder):
-            clean = pack(flux.autoencoder.encode(pixels.to(flux.device)).to(flux.dtype))  # (1, L, 4z)
+            clean = pack_tokens(flux.autoencoder.encode(pixels.to(flux.device)).to(flux.dtype))  # (1, L, channels)
         height, width = pixels.shape[-2:]
-        txt, txt_ids, y = flux.encode_prompt([prompt])
-        if pooled == "zero":
+        txt, txt_ids, y = self._encode_prompt(prompt)
+        if pooled == "zero" and y is not None:
             y = torch.zeros_like(y)
-        concept_txt, concept_y = self._concept_inputs(concepts, concept_encoding, concept_pooled, softmax)
+        concept_txt, concept_y, concept_ids = self._concept_inputs(
+            concepts, concept_encoding, concept_pooled, softmax, concept_positions
+        )
         if t is None:
             schedule = flux.timesteps(num_steps, clean.shape[1])
             if not 0 <= noise_timestep < len(schedule):
@@ -195,18 +260,45 @@ class ConceptAttentionPipeline:
                 noise, ids = flux.prepare_latents(1, height, width, sample_seed)
                 noisy = t * noise + (1.0 - t) * clean
                 t_vec = timestep_vector(t, noisy)
-                guidance_vec = None if guidance is None else timestep_vector(guidance, noisy)
+                guidance_vec, _ = self._guidance(guidance, noisy)  # one conditional pass, no CFG
                 run_concept_layers(
                     model, noisy, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
                     guidance=guidance_vec, concept_y=concept_y, attention=attention, step=sample,
+                    concept_ids=concept_ids,
+                    sites=NO_SITES if interventions is None else interventions.sites(sample),
                 )
-        return self._output(picture, concepts, accumulator, self._token_grid(height, width), blur)
+        return self._output(picture, concepts, accumulator, self._token_grid(height, width), blur, interventions)
 
     # -- pieces ---------------------------------------------------------------------------------
 
     def _layers(self, layer_indices: Sequence[int] | None) -> list[int]:
+        if self.is_flux2 or layer_indices is not None:
+            return check_layers(self.flux.model, layer_indices)  # None on FLUX.2: config.concept_layers, all
         depth = self.flux.model.config.depth
-        return check_layers(self.flux.model, range(max(0, depth - 4), depth) if layer_indices is None else layer_indices)
+        return check_layers(self.flux.model, range(max(0, depth - 4), depth))
+
+    def _check_memory(self, height: int, width: int, num_concepts: int) -> None:
+        self.flux.check_memory(height, width, 1, num_concepts)
+
+    def _encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(txt, txt_ids, y); FLUX.2 has no pooled vector y (None)."""
+        if self.is_flux2:
+            return (*self.flux.encode_prompt([prompt]), None)
+        return self.flux.encode_prompt([prompt])
+
+    def _guidance(self, guidance: float | None, like: Tensor) -> tuple[Tensor | None, float | None]:
+        """(the embedded guidance vector, the CFG scale) for a `settings`-checked guidance value."""
+        if self.is_flux2 and self.flux.defaults.cfg:
+            return None, guidance
+        return (None if guidance is None else timestep_vector(guidance, like)), None
+
+    def _velocity(self, img, img_ids, txt, txt_ids, t_vec, y, guidance_vec, sites=NO_SITES) -> Tensor:
+        """A plain model call (Flux.1 takes the pooled y, FLUX.2 has none)."""
+        pooled = {} if y is None else {"y": y}
+        return self.flux.model(
+            img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t_vec, guidance=guidance_vec, sites=sites,
+            **pooled,
+        )
 
     @staticmethod
     def _steps(timesteps: Sequence[int] | None, num_steps: int) -> set[int]:
@@ -228,19 +320,35 @@ class ConceptAttentionPipeline:
         )
 
     def _concept_inputs(
-        self, concepts: list[str], encoding: str, pooled: str, softmax: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """(1, r, context_in_dim) concept embeddings and the concept pooled input (None = zeros)."""
+        self, concepts: list[str], encoding: str, pooled: str, softmax: bool, positions: str = "zero"
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(1, r, context_in_dim) concept embeddings, the concept pooled input (Flux.1; None = zeros) and the
+        concept RoPE ids (FLUX.2; None = zeros)."""
         if pooled not in CONCEPT_POOLED:
             raise ValueError(f"concept_pooled must be one of {CONCEPT_POOLED}, got {pooled!r}")
+        if positions not in CONCEPT_POSITIONS:
+            raise ValueError(f"concept_positions must be one of {CONCEPT_POSITIONS}, got {positions!r}")
         flux = self.flux
+        if self.is_flux2:
+            if pooled != "zero":
+                raise ValueError(f"concept_pooled={pooled!r}: FLUX.2 has no pooled vector; leave it 'zero'")
+            encoder = flux.text_encoder
+            check_concept_tokens(encoder, concepts, softmax)
+            with flux.on_device(encoder):
+                concept_txt = encode_concepts_flux2(encoder, concepts, encoding)[None].to(flux.device, flux.dtype)
+            position = authors_concept_position(encoder.max_length) if positions == "authors" else 0
+            return concept_txt, None, concept_position_ids(1, len(concepts), position, device=flux.device)
+        if positions != "zero":
+            raise ValueError("concept_positions='authors' is a FLUX.2 convention; Flux.1 concepts have no positions")
         check_concept_tokens(flux.t5, concepts, softmax)
         with flux.on_device(flux.t5, flux.clip):
             concept_txt = encode_concepts(flux.t5, concepts, encoding)[None].to(flux.device, flux.dtype)
             concept_y = flux.clip([" ".join(concepts)]).to(flux.device, flux.dtype) if pooled == "clip" else None
-        return concept_txt, concept_y
+        return concept_txt, concept_y, None
 
     def _token_grid(self, height: int, width: int) -> tuple[int, int]:
+        if self.is_flux2:  # the FLUX.2 AE patchifies itself: its latent grid is the token grid
+            return flux2_latent_size(height, width, self.flux.autoencoder.downsample_factor)
         h, w = latent_size(height, width, self.flux.autoencoder.downsample_factor)
         return h // 2, w // 2
 
@@ -269,7 +377,11 @@ class ConceptAttentionPipeline:
         return tqdm(items, desc="concept attention")
 
     @staticmethod
-    def _output(image: Image.Image, concepts, accumulator: MapAccumulator, grid_hw, blur: bool) -> ConceptAttentionOutput:
+    def _output(
+        image: Image.Image, concepts, accumulator: MapAccumulator, grid_hw, blur: bool, interventions
+    ) -> ConceptAttentionOutput:
+        if interventions is not None:
+            interventions.check_visited("this pipeline call")
         h, w = grid_hw
 
         def grid(maps: Tensor) -> Tensor:  # (..., 1, r, N) -> (..., r, h, w)
@@ -290,6 +402,7 @@ class ConceptAttentionPipeline:
             cross_attention_heatmaps=heatmaps(cross, image.size) if cross is not None else None,
             layer_maps=layer_maps,
             vectors=accumulator.vectors if accumulator.vectors else None,
+            cache=interventions.cache if interventions is not None else None,
         )
 
 

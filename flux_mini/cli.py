@@ -1,9 +1,11 @@
 """Command line: `flux-mini generate --weights DIR --prompt "..." --out image.png`.
 
-`flux-mini tiny DIR` writes a random tiny model folder (no download) to try the pipeline on. The
-argument helpers below are shared with `concept-attention`, so both CLIs speak one vocabulary:
---weights --prompt --out --width --height --steps --guidance --seed --device --dtype --quiet, with unset
-sizes, steps and guidance read from the model folder (its sampling.json, else the variant's).
+`flux-mini tiny DIR` writes a random tiny model folder (no download) to try the pipeline on; `--generation flux2`
+(flux3) makes it a FLUX.2 (FLUX.3) one. `generate` reads the generation (Flux.1, FLUX.2 or FLUX.3) from the folder;
+`--reference IMAGE` (repeatable) conditions a FLUX.3 model on reference images. The argument helpers
+below are shared with `concept-attention`, so both CLIs speak one vocabulary: --weights --prompt --out --width
+--height --steps --guidance --seed --device --dtype --quiet, with unset sizes, steps and guidance read from the
+model folder (its sampling.json, else the variant's).
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def seed_type(text: str) -> int:
-    """An integer in [0, 2**64): torch would silently wrap larger seeds around."""
+    """An integer in [0, 2**32): torch's CPU generator keeps only a seed's low 32 bits."""
     try:
         seed = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed (0 <= seed < 2**64)") from None
-    if not 0 <= seed < 2**64:
-        raise argparse.ArgumentTypeError(f"seed {seed} is outside 0 <= seed < 2**64")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed (0 <= seed < 2**32)") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"seed {seed} is outside 0 <= seed < 2**32 (larger seeds repeat smaller ones)")
     return seed
 
 
@@ -64,7 +66,7 @@ def add_size_options(parser: argparse.ArgumentParser, steps: bool = True, what: 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--seed, --device, --dtype and --quiet, with the same meaning and defaults in both CLIs."""
-    parser.add_argument("--seed", type=seed_type, default=0, help="integer in [0, 2**64); sample i uses seed + i")
+    parser.add_argument("--seed", type=seed_type, default=0, help="integer in [0, 2**32); sample i uses seed + i")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU"
@@ -131,7 +133,8 @@ def check_image_path(path: Path, flag: str = "--out") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flux-mini", description="Flux.1 text-to-image in plain PyTorch")
+    description = "Flux.1, FLUX.2 and FLUX.3 image generation in plain PyTorch"
+    parser = argparse.ArgumentParser(prog="flux-mini", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate an image from a prompt", formatter_class=HelpFormatter)
@@ -141,23 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_options(gen)
     add_run_options(gen)
     gen.add_argument("--offload", action="store_true", help="keep only the running stage on the device")
-    gen.add_argument("--variant", choices=["schnell", "dev"], help="(default: dev if the checkpoint has guidance)")
+    gen.add_argument(
+        "--variant", choices=["schnell", "dev", "klein", "klein-base", "flux3-klein", "flux3-klein-base"],
+        help="(default: from the model folder)",
+    )
+    gen.add_argument("--reference", type=Path, action="append", help="FLUX.3: a reference image (repeat, up to 10)")
 
     tiny = commands.add_parser("tiny", help="write a random tiny model folder (to try the commands)",
                                formatter_class=HelpFormatter)
     tiny.add_argument("folder", type=Path, help="where to write it")
     tiny.add_argument("--seed", type=seed_type, default=0, help="seed of the random weights")
     tiny.add_argument("--guidance-embed", action="store_true", help="a dev-family (guidance-distilled) tiny model")
+    tiny.add_argument("--generation", choices=["flux1", "flux2", "flux3"], default="flux1")
+    tiny.add_argument("--base", action="store_true", help="FLUX.2 / FLUX.3 only: a Base (real CFG) tiny model")
     return parser
 
 
 def generate(args: argparse.Namespace) -> None:
+    from flux_mini.flux2_pipeline import Flux2Pipeline, is_flux2_folder
+    from flux_mini.flux3_pipeline import Flux3Pipeline, is_flux3_folder
     from flux_mini.pipeline import FluxPipeline, quiet_transformers
 
     check_image_path(args.out)
     device = resolve_device(args.device)
+    flux3 = is_flux3_folder(args.weights)
+    pipeline = Flux3Pipeline if flux3 else Flux2Pipeline if is_flux2_folder(args.weights) else FluxPipeline
+    if args.reference and not flux3:
+        raise ValueError("--reference needs a FLUX.3 model folder (Flux.1 and FLUX.2 generate from text here)")
+    references = [_open_image(path) for path in args.reference or []]
     with quiet_transformers(logging=args.quiet):
-        pipe = FluxPipeline.from_folder(
+        pipe = pipeline.from_folder(
             args.weights, device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
             variant=args.variant,
         )
@@ -169,10 +185,20 @@ def generate(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         seed=args.seed,
         progress=not args.quiet,
+        **(dict(references=references) if references else {}),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.variant}, seed {args.seed})")
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--reference {path}: not a readable image ({type(e).__name__})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.generation == "flux3":
+            from flux_mini.tiny import build_tiny_flux3_weights
+
+            folder = build_tiny_flux3_weights(args.folder, seed=args.seed, base=args.base)
+            what = "FLUX.3 Base" if args.base else "FLUX.3"
+            print(f"wrote a random tiny {what} model to {folder}; try: flux-mini generate --weights {folder} "
+                  f"--prompt \"a red cat\" --out tiny.png")
+        elif args.generation == "flux2":
+            from flux_mini.tiny import build_tiny_flux2_weights
+
+            variant = "dev" if args.guidance_embed else "klein-base" if args.base else "klein"
+            folder = build_tiny_flux2_weights(args.folder, seed=args.seed, variant=variant)
+            print(f"wrote a random tiny FLUX.2 {variant} model to {folder}; try: flux-mini generate --weights "
+                  f"{folder} --prompt \"a red cat\" --out tiny.png")
         else:
             from flux_mini.tiny import build_tiny_weights
 

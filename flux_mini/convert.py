@@ -277,11 +277,12 @@ def flux2_diffusers_config(config: Flux2Config) -> dict:
 def flux2_config_from_diffusers(c: Mapping) -> Flux2Config:
     """The Flux2Config of a diffusers `Flux2Transformer2DModel` config.json (class defaults are [dev]'s)."""
     defaults = Flux2Config()
-    if (c.get("out_channels") or c.get("in_channels", 128)) != c.get("in_channels", 128):
-        raise ValueError(f"FLUX.2 has out_channels = in_channels; this config has {c['out_channels']} and {c['in_channels']}")
+    in_channels = c.get("in_channels", defaults.in_channels)
+    if (c.get("out_channels") or in_channels) != in_channels:
+        raise ValueError(f"FLUX.2 has out_channels = in_channels, not {c['out_channels']} and {in_channels}")
     heads = c.get("num_attention_heads", defaults.num_heads)
     return Flux2Config(
-        in_channels=c.get("in_channels", defaults.in_channels),
+        in_channels=in_channels,
         context_in_dim=c.get("joint_attention_dim", defaults.context_in_dim),
         hidden_size=heads * c.get("attention_head_dim", defaults.head_dim),
         num_heads=heads,
@@ -291,4 +292,92 @@ def flux2_config_from_diffusers(c: Mapping) -> Flux2Config:
         theta=c.get("rope_theta", defaults.theta),
         mlp_ratio=c.get("mlp_ratio", defaults.mlp_ratio),
         use_guidance_embed=c.get("guidance_embeds", defaults.use_guidance_embed),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.3 (flux3-format.md §2.2): renames only, plus the final modulation's half swap; no fused tensors.
+
+
+def _flux3_global_names() -> dict[str, str]:
+    names = {
+        "txt_in.weight": "context_embedder.weight",
+        "final_layer.image.linear.weight": "proj_out.weight",
+        "final_layer.image.adaLN_modulation.1.weight": "norm_out.linear.weight",  # swapped
+    }
+    for bfl, dif in (("time_in", "timestep_embedder"), ("ref_time_in", "target_timestep_embedder")):
+        names[f"{bfl}.in_layer.weight"] = f"{dif}.linear_1.weight"
+        names[f"{bfl}.out_layer.weight"] = f"{dif}.linear_2.weight"
+    for mode in ("image", "image_cond"):
+        names[f"emb_in.{mode}.weight"] = f"x_embedders.{mode}.weight"
+    for kind in ("early", "single"):
+        for mode in ("image", "image_cond", "txt"):
+            names[f"{kind}_stream_modulations.{mode}.lin.weight"] = f"{kind}_stream_modulations.{mode}.linear.weight"
+    return names
+
+
+FLUX3_GLOBAL_NAMES = _flux3_global_names()
+FLUX3_BLOCK_PREFIXES = {  # BFL -> diffusers; a block index (and the mode for content blocks) follows
+    "content_mode_blocks.": "mode_blocks.",
+    "txt_mode_blocks.": "txt_mode_blocks.",
+    "single_blocks.": "single_transformer_blocks.",
+}
+FLUX3_BLOCK_PARTS = {
+    "q_proj.weight": "attn.to_q.weight",
+    "k_proj.weight": "attn.to_k.weight",
+    "v_proj.weight": "attn.to_v.weight",
+    "attn_out.weight": "attn.to_out.0.weight",
+    "norm.query_norm.scale": "attn.norm_q.weight",
+    "norm.key_norm.scale": "attn.norm_k.weight",
+    "mlp_in.weight": "ff.linear_in.weight",
+    "mlp_out.weight": "ff.linear_out.weight",
+}
+
+
+def _flux3_rename(name: str, to_diffusers: bool) -> str:
+    """One key in the other layout; unknown keys come back unchanged (a strict load then names them)."""
+    def direction(table: Mapping[str, str]) -> dict[str, str]:
+        return dict(table) if to_diffusers else {v: k for k, v in table.items()}
+
+    if name in (names := direction(FLUX3_GLOBAL_NAMES)):
+        return names[name]
+    parts = direction(FLUX3_BLOCK_PARTS)
+    for source, target in direction(FLUX3_BLOCK_PREFIXES).items():
+        match = re.fullmatch(re.escape(source) + r"((?:\w+\.)?\d+)\.(.+)", name)
+        if match and match.group(2) in parts:
+            return f"{target}{match.group(1)}.{parts[match.group(2)]}"
+    return name
+
+
+def _flux3_convert(tensors: Mapping[str, Tensor], to_diffusers: bool) -> dict[str, Tensor]:
+    swapped = "norm_out.linear.weight" if not to_diffusers else "final_layer.image.adaLN_modulation.1.weight"
+    return {_flux3_rename(k, to_diffusers): _swap_halves(t) if k == swapped else t for k, t in tensors.items()}
+
+
+def flux3_bfl_to_diffusers(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """BFL FLUX.3 names -> `Flux3Transformer2DModel` names; the final modulation becomes [scale ; shift] (a copy)."""
+    return _flux3_convert(tensors, to_diffusers=True)
+
+
+def flux3_diffusers_to_bfl(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `flux3_bfl_to_diffusers`."""
+    return _flux3_convert(tensors, to_diffusers=False)
+
+
+def flux3_diffusers_config(config) -> dict:
+    """The `Flux3Transformer2DModel` config equivalent to a `Flux3Config` (diffusers outputs in_channels)."""
+    if config.out_channels != config.in_channels:
+        raise ValueError(f"diffusers' Flux3Transformer2DModel outputs in_channels, not {config.out_channels} channels")
+    return dict(
+        in_channels=config.in_channels,
+        cond_in_channels=config.cond_in_channels,
+        num_layers=config.depth,
+        num_single_layers=config.depth_single_blocks,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads,
+        joint_attention_dim=config.context_in_dim,
+        mlp_ratio=config.mlp_ratio,
+        axes_dims_rope=tuple(config.axes_dim),
+        rope_theta=config.theta,
+        flow_map=config.flow_map,
     )

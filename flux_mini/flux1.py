@@ -5,12 +5,14 @@ The math follows `shared/spec/flux-format.md` §3; every module name matches a k
 state dict, so `model.state_dict()` *is* the checkpoint layout. The pieces every generation shares
 (RoPE, norms, attention, the concept-attention step, named sites) are in `layers.py`.
 
-Named sites (`flux_mini.interp`): `vec`, `img_in`, `txt_in`; per double block `double_blocks.N.` +
-`q`, `k`, `v` (joint [txt ; img], after QK-norm and RoPE, (B, H, T + L, Dh)), `img_attn`, `txt_attn`
-(attention outputs before the projection), `img_mlp`, `txt_mlp` (MLP outputs before the gate), `img`,
-`txt` (the streams after the block), `concept_attn`, `concepts` (the concept stream, when it runs);
-per single block `single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (GELU activations, (B, T + L, M)),
-`x` ([txt ; img] after the block), `concept_attn`, `concepts`.
+Named sites (`flux_mini.interp`), listed in the `SITES` of `Flux` and of each block class, in the order a
+forward visits them: `vec`, `img_in`, `txt_in`; per double block `double_blocks.N.` + `q`, `k`, `v` (joint
+[txt ; img], after QK-norm and RoPE, (B, H, T + L, Dh)), `txt_attn`, `img_attn` (attention outputs before the
+projection, heads concatenated), `img_mlp`, `txt_mlp` (MLP outputs before the gate), `img`, `txt` (the
+streams after the block), and, when the concept stream runs, `concept_q`, `concept_k` (B, H, r, Dh),
+`concept_attn` (B, r, D), `concepts` (the concept stream after the block); per single block
+`single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (GELU activations, (B, T + L, M)), `x` ([txt ; img] after
+the block), and the same four concept sites.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux_mini.layers import (
+    CONCEPT_SITES,
     NO_SITES,
     ConceptLayer,
     ConceptStream,
@@ -110,6 +113,11 @@ class FluxConfig:
         """Layers whose concept maps are averaged when none are named: the double blocks (the paper's)."""
         return tuple(range(self.depth))
 
+    @property
+    def map_layers(self) -> range:
+        """Every layer that can give concept maps: all of them (single blocks when asked)."""
+        return range(self.num_layers)
+
     @classmethod
     def from_preset(cls, name: str) -> FluxConfig:
         if name not in PRESETS:
@@ -195,9 +203,10 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 # ----------------------------------------------------------------------------------------------
 # Blocks
 
-
 class DoubleStreamBlock(nn.Module):
     """Image and text keep separate weights and meet only in one joint attention."""
+
+    SITES = ("q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt") + CONCEPT_SITES
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -247,6 +256,7 @@ class DoubleStreamBlock(nn.Module):
         """The concept stream through this block's *text* weights; img_k is RoPE-rotated, img_q is not."""
         mod1, mod2 = self.txt_mod(concepts.vec)
         q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
+        q_c, k_c = sites("concept_q", q_c), sites("concept_k", k_c)
         o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         c = mod1.residual(concepts.tokens, few_token_linear(self.txt_attn.proj, o_c))
@@ -256,6 +266,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Text and image as one sequence; attention and MLP run in parallel from fused projections."""
+
+    SITES = ("q", "k", "v", "attn", "mlp", "x") + CONCEPT_SITES
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -307,6 +319,7 @@ class SingleStreamBlock(nn.Module):
         """Extension beyond the paper: concepts through this block's shared weights."""
         (mod,) = self.modulation(concepts.vec)
         q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.modulate(concepts.tokens)))
+        q_c, k_c = sites("concept_q", q_c), sites("concept_k", k_c)
         o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         h = torch.cat((o_c, F.gelu(mlp_c, approximate="tanh")), dim=-1)
@@ -333,6 +346,8 @@ class LastLayer(nn.Module):
 
 class Flux(nn.Module):
     """Flow-matching transformer: packed latent tokens + T5 tokens + pooled CLIP -> velocity."""
+
+    SITES = ("vec", "img_in", "txt_in")  # its blocks' sites follow, under their module names
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -414,6 +429,33 @@ class Flux(nn.Module):
             x, concept = block(x, vec, pe, concepts, num_txt, sites.scoped(f"single_blocks.{index}"))
             concepts = concept.stream if concept is not None else None
             yield LayerOutput(self.config.depth + index, x[:, num_txt:], vec, concept)
+
+    def concept_pass(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        concept_txt: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        concept_y: Tensor | None = None,
+        attention: str = "both",
+        cross_attention: bool = False,
+        values: bool = False,
+        last_layer: int | None = None,
+        sites: Sites = NO_SITES,
+    ) -> Iterator[LayerOutput]:
+        """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation);
+        the stream enters the single blocks only when `last_layer` (None: the last) is one of them."""
+        stream = self.concept_stream(concept_txt, timesteps, concept_y, guidance, attention, cross_attention, values)
+        through_single = last_layer is None or last_layer >= self.config.depth
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, y, guidance, stream, through_single, sites)
+
+    def velocity(self, last: LayerOutput) -> Tensor:
+        """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""
+        return self.final_layer(last.img, last.vec)
 
     def forward(
         self,

@@ -11,15 +11,18 @@ the shared text modulation, in the single blocks with the block's shared weights
 attend to [concepts ; image] and nothing attends to concepts, so the image and text are unchanged.
 Concepts may carry RoPE position ids (the authors use (0, 0, 0, 510)); ours default to zero.
 
-Named sites (`flux_mini.interp`), the Flux.1 names where the architecture has the same thing: `vec`,
-`img_in`, `txt_in`; the shared modulations `double_stream_modulation_img`, `double_stream_modulation_txt`
-(B, 1, 6D: shift1, scale1, gate1, shift2, scale2, gate2) and `single_stream_modulation` (B, 1, 3D:
-shift, scale, gate), each the Linear output before it is cut into sets; per double block
-`double_blocks.N.` + `q`, `k`, `v` (joint [txt ; img] after QK-norm and RoPE, (B, H, T + L, Dh)),
-`img_attn`, `txt_attn` (attention outputs before the projection), `img_mlp`, `txt_mlp` (MLP outputs
-before the gate), `img`, `txt` (the streams after the block), `concept_attn`, `concepts`; per single
-block `single_blocks.N.` + `q`, `k`, `v`, `attn`, `mlp` (SwiGLU activations, (B, T + L, M)), `x`
-([txt ; img] after the block), `concept_attn`, `concepts`.
+Named sites (`flux_mini.interp`), listed in the `SITES` of `Flux2` and of each block class in the order
+a forward visits them, with the Flux.1 names where the architecture has the same thing: `vec`; the
+shared modulations `double_stream_modulation_img`, `double_stream_modulation_txt` (B, 1, 6D: shift1,
+scale1, gate1, shift2, scale2, gate2) and `single_stream_modulation` (B, 1, 3D: shift, scale, gate), each
+the Linear output before it is cut into sets, so one patch reaches every block of its kind; `img_in`,
+`txt_in`; per double block `double_blocks.N.` + `q`, `k`, `v` (joint [txt ; img] after QK-norm and RoPE,
+(B, H, T + L, Dh)), `txt_attn`, `img_attn` (attention outputs before the projection), `img_mlp`,
+`txt_mlp` (MLP outputs before the gate), `img`, `txt` (the streams after the block), and, when the concept
+stream runs, `concept_q`, `concept_k` (B, H, r, Dh, after QK-norm and the concepts' RoPE), `concept_attn`
+(B, r, D), `concepts` (the stream after the block); per single block `single_blocks.N.` + `q`, `k`, `v`,
+`attn`, `mlp` (SwiGLU activations, (B, T + L, M)), `x` ([txt ; img] after the block), and the same four
+concept sites.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux_mini.layers import (
+    CONCEPT_SITES,
     NO_SITES,
     ConceptLayer,
     ConceptStream,
@@ -77,6 +81,12 @@ class Flux2Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        sizes = {n: getattr(self, n) for n in ("in_channels", "context_in_dim", "hidden_size", "num_heads", "theta")}
+        bad = [f"{n} {v!r}" for n, v in sizes.items() if not (type(v) is int and v > 0)]
+        if type(self.mlp_ratio) not in (int, float) or self.mlp_ratio <= 0:
+            bad.append(f"mlp_ratio {self.mlp_ratio!r}")
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive (sizes and head counts integers)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):
@@ -112,6 +122,11 @@ class Flux2Config:
         """Layers whose concept maps are averaged when none are named: all of them. FLUX.2 keeps few
         double blocks (5 of 25 in klein 4B) and deeper layers segment better, so the single blocks count."""
         return tuple(range(self.num_layers))
+
+    @property
+    def map_layers(self) -> range:
+        """Every layer that can give concept maps: all of them."""
+        return range(self.num_layers)
 
     @classmethod
     def from_preset(cls, name: str) -> Flux2Config:
@@ -231,6 +246,8 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Image and text keep separate weights and meet only in one joint attention; no own modulation."""
 
+    SITES = ("q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt") + CONCEPT_SITES
+
     def __init__(self, config: Flux2Config):
         super().__init__()
         dim, heads = config.hidden_size, config.num_heads
@@ -284,7 +301,8 @@ class DoubleStreamBlock(nn.Module):
         """The concept stream through the text weights and text modulation; img_k is rotated, img_q is not."""
         mod1, mod2 = mod.txt
         q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
-        rotated_q, rotated_k = apply_rope(q_c, concepts.pe), apply_rope(k_c, concepts.pe)
+        rotated_q = sites("concept_q", apply_rope(q_c, concepts.pe))
+        rotated_k = sites("concept_k", apply_rope(k_c, concepts.pe))
         o_c = concept_attention(rotated_q, rotated_k, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         c = mod1.residual(concepts.tokens, few_token_linear(self.txt_attn.proj, o_c))
@@ -294,6 +312,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Text and image as one sequence; attention and SwiGLU MLP in parallel from fused projections."""
+
+    SITES = ("q", "k", "v", "attn", "mlp", "x") + CONCEPT_SITES
 
     def __init__(self, config: Flux2Config):
         super().__init__()
@@ -353,7 +373,8 @@ class SingleStreamBlock(nn.Module):
     ) -> ConceptLayer:
         """Concepts through this block's weights and the shared single modulation; img_k rotated, img_q not."""
         q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.single.modulate(concepts.tokens)))
-        rotated_q, rotated_k = apply_rope(q_c, concepts.pe), apply_rope(k_c, concepts.pe)
+        rotated_q = sites("concept_q", apply_rope(q_c, concepts.pe))
+        rotated_k = sites("concept_k", apply_rope(k_c, concepts.pe))
         o_c = concept_attention(rotated_q, rotated_k, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
         h = torch.cat((o_c, self.mlp_act(mlp_c)), dim=-1)
@@ -380,6 +401,9 @@ class LastLayer(nn.Module):
 
 class Flux2(nn.Module):
     """Flow-matching transformer: 128-wide latent tokens + stacked LLM text features -> velocity."""
+
+    SITES = ("vec", "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
+             "img_in", "txt_in")  # its blocks' sites follow, under their module names  # fmt: skip
 
     def __init__(self, config: Flux2Config):
         super().__init__()
@@ -462,7 +486,7 @@ class Flux2(nn.Module):
         when given, runs through the double blocks and (unless switched off) the single blocks.
         `sites` reads or replaces named values on the way (`flux_mini.interp`)."""
         if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
+            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)}, {tuple(txt.shape)}")
         if img_ids.shape[-1] != 4 or txt_ids.shape[-1] != 4:
             raise ValueError(f"FLUX.2 ids have 4 axes (t, h, w, l), got {img_ids.shape[-1]} and {txt_ids.shape[-1]}")
         vec = sites("vec", self.conditioning(timesteps, guidance))
@@ -481,6 +505,32 @@ class Flux2(nn.Module):
             x, concept = block(x, pe, mod, concepts, concept_mod, num_txt, sites.scoped(f"single_blocks.{index}"))
             concepts = concept.stream if concept is not None else None
             yield LayerOutput(self.config.depth + index, x[:, num_txt:], vec, concept)
+
+    def concept_pass(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        concept_txt: Tensor,
+        guidance: Tensor | None = None,
+        concept_ids: Tensor | None = None,
+        attention: str = "both",
+        cross_attention: bool = False,
+        values: bool = False,
+        last_layer: int | None = None,
+        sites: Sites = NO_SITES,
+    ) -> Iterator[LayerOutput]:
+        """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation);
+        the stream enters the single blocks only when `last_layer` (None: the last) is one of them."""
+        stream = self.concept_stream(concept_txt, timesteps, concept_ids, guidance, attention, cross_attention, values)
+        through_single = last_layer is None or last_layer >= self.config.depth
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, stream, through_single, sites)
+
+    def velocity(self, last: LayerOutput) -> Tensor:
+        """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""
+        return self.final_layer(last.img, last.vec)
 
     def forward(
         self,

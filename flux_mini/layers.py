@@ -262,7 +262,9 @@ class Sites:
     A block calls `sites(name, value)` at each of its sites and continues with what comes back. This base
     class is the identity, so the plain forward passes `NO_SITES` and every value goes through unchanged;
     `flux_mini.interp` subclasses it to cache or patch. `scoped(prefix)` gives a block its names
-    (`double_blocks.3` + `img_attn` -> `double_blocks.3.img_attn`)."""
+    (`double_blocks.3` + `img_attn` -> `double_blocks.3.img_attn`); the prefix is the block's module name.
+    Each module that calls sites lists them, in visiting order, in a class attribute `SITES`, so that a
+    request for a site that does not exist is refused before the model runs."""
 
     def __call__(self, name: str, value: Tensor) -> Tensor:
         return value
@@ -272,3 +274,4 @@ class Sites:
 
 
 NO_SITES = Sites()
+CONCEPT_SITES = ("concept_q", "concept_k", "concept_attn", "concepts")  # visited only when a concept stream runs

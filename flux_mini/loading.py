@@ -1,7 +1,8 @@
 """Load any official Flux transformer file into its model, or fail with one message that says what the file is.
 
-Generations: Flux.1 (`Flux`) and FLUX.2 (`Flux2`), told apart by their keys in `detect_generation`, the one
-place that knows them. Accepted layouts (flux-format.md §6.3, §6.4; flux2-format.md §9): a single
+Generations: Flux.1 (`Flux`), FLUX.2 (`Flux2`) and FLUX.3 (`Flux3`), told apart by their keys in
+`detect_generation`, the one place that knows them. Accepted layouts (flux-format.md §6.3, §6.4;
+flux2-format.md §9; flux3-format.md §2, §8): a single
 .safetensors in the BFL layout, the same with a prefix such as `model.diffusion_model.` (all-in-one
 files; other components are ignored), or the diffusers layout (one file, or a folder such as
 `transformer/` with a sharded `*.safetensors.index.json`).
@@ -10,12 +11,15 @@ The config comes from, in order: the `config=` argument (a config or a preset na
 generation); a `flux_config` JSON entry in the file's safetensors metadata (written by `save_flux`); or
 the tensor shapes. Shapes fix every field except the RoPE split `axes_dim` (and theta), which are taken
 as the official ones when the head dim is 128 and must otherwise come from `config=` or the metadata.
+Tensors a file ships that are not part of the model (FLUX.3's training-only REPA heads) are dropped with
+a warning that names them.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,19 +37,29 @@ from flux_mini.checkpoint import (
     read_safetensors,
     strip_prefix,
 )
-from flux_mini.convert import bfl_to_diffusers, diffusers_to_bfl, flux2_bfl_to_diffusers, flux2_diffusers_to_bfl
+from flux_mini.convert import (
+    bfl_to_diffusers,
+    diffusers_to_bfl,
+    flux2_bfl_to_diffusers,
+    flux2_diffusers_to_bfl,
+    flux3_bfl_to_diffusers,
+    flux3_diffusers_to_bfl,
+)
 from flux_mini.flux1 import PRESETS, Flux, FluxConfig
 from flux_mini.flux2 import PRESETS as FLUX2_PRESETS
 from flux_mini.flux2 import Flux2, Flux2Config
+from flux_mini.flux3 import PRESETS as FLUX3_PRESETS
+from flux_mini.flux3 import Flux3, Flux3Config
 from flux_mini.lowmem import dequantize_float8, has_float8, prepare_float8
 
 OFFICIAL_AXES_DIM = (16, 56, 56)  # Flux.1, head dim 128
 FLUX2_AXES_DIM = (32, 32, 32, 32)  # FLUX.2, head dim 128
+FLUX3_AXES_DIM = (32, 32, 32, 32)  # FLUX.3, head dim 128
 METADATA_KEY = "flux_config"
 
 # A key that only each non-transformer layout has, and what to say about it (spec §6.4); first match wins.
 OTHER_LAYOUTS = {
-    "bn.running_mean": "a FLUX.2 autoencoder (ae.safetensors of FLUX.2-dev; load it with load_autoencoder)",
+    "bn.running_mean": "a FLUX.2 autoencoder (ae.safetensors of FLUX.2-dev; load it with load_flux2_autoencoder)",
     "encoder.down.0.block.0.conv1.weight": "a Flux autoencoder (ae.safetensors; load it with load_autoencoder)",
     "encoder.down_blocks.0.resnets.0.conv1.weight": "a diffusers VAE (vae/; load it with load_autoencoder)",
     "encoder.block.0.layer.0.SelfAttention.q.weight": "a T5 text encoder",
@@ -72,6 +86,7 @@ class Generation:
     to_bfl: Callable[[Mapping], dict]  # diffusers names -> BFL names
     to_diffusers: Callable[[Mapping], dict]
     infer_config: Callable[..., Any]  # (BFL shapes, axes_dim=None) -> config, CheckpointError if they do not tell
+    unused: tuple[str, ...] = ()  # prefixes of BFL tensors shipped in the files but not part of the model
 
 
 def _count_blocks(shapes, name: str) -> int:
@@ -154,6 +169,34 @@ def infer_flux2_config(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, 
         raise CheckpointError(f"the checkpoint's shapes imply no valid FLUX.2 config: {e}") from None
 
 
+def infer_flux3_config(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None) -> Flux3Config:
+    """The Flux3Config whose state dict has these BFL shapes; theta is the official 10000 (shapes cannot tell)."""
+    needed = ["emb_in.image.weight", "emb_in.image_cond.weight", "txt_in.weight", "final_layer.image.linear.weight"]
+    norm = next((k for k in shapes if k.endswith("query_norm.scale")), None)
+    mlp = next((k for k in shapes if k.endswith(".mlp_in.weight")), None)
+    absent = [k for k in needed if k not in shapes] + ([] if norm and mlp else ["block weights"])
+    if absent:
+        raise CheckpointError(f"cannot infer the FLUX.3 config: the checkpoint lacks {', '.join(absent)}; pass config=")
+    hidden, in_channels = shapes["emb_in.image.weight"]
+    head_dim = shapes[norm][0]
+    try:
+        return Flux3Config(
+            in_channels=in_channels,
+            cond_in_channels=shapes["emb_in.image_cond.weight"][1],
+            out_channels=shapes["final_layer.image.linear.weight"][0],
+            context_in_dim=shapes["txt_in.weight"][1],
+            hidden_size=hidden,
+            mlp_ratio=shapes[mlp][0] / 2 / hidden,  # fused gate and value
+            num_heads=hidden // head_dim,
+            depth=_count_blocks(shapes, "txt_mode_blocks"),
+            depth_single_blocks=_count_blocks(shapes, "single_blocks"),
+            axes_dim=_official_axes(head_dim, axes_dim, FLUX3_AXES_DIM),
+            flow_map="ref_time_in.in_layer.weight" in shapes,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's shapes imply no valid FLUX.3 config: {e}") from None
+
+
 FLUX1 = Generation(
     "Flux.1", Flux, FluxConfig, PRESETS,
     bfl_markers=("img_in.weight",),
@@ -170,8 +213,18 @@ FLUX2 = Generation(
     to_diffusers=flux2_bfl_to_diffusers,
     infer_config=infer_flux2_config,
 )
+FLUX3 = Generation(
+    "FLUX.3", Flux3, Flux3Config, FLUX3_PRESETS,
+    bfl_markers=("early_stream_modulations.image.lin.weight",),
+    diffusers_markers=("early_stream_modulations.image.linear.weight",),
+    to_bfl=flux3_diffusers_to_bfl,
+    to_diffusers=flux3_bfl_to_diffusers,
+    infer_config=infer_flux3_config,
+    # the REPA projection heads of training, and the unused output heads BFL's generic class may build (spec §2.1)
+    unused=("repa_projectors.", "final_layer.image_cond.", "vector_in."),
+)
 # Most specific first: a FLUX.2 file also has every key that marks Flux.1 (img_in, x_embedder).
-GENERATIONS = (FLUX2, FLUX1)
+GENERATIONS = (FLUX3, FLUX2, FLUX1)
 
 
 def detect_generation(names) -> tuple[Generation, str, str] | None:
@@ -216,13 +269,19 @@ class CheckpointInfo:
         layout = "BFL layout" if self.layout == "bfl" else "diffusers layout"
         if self.prefix:
             layout += f" under prefix {self.prefix!r}"
-        hidden, in_channels = self.shapes.get("img_in.weight", ("?", "?"))
-        guidance = "has guidance_in" if "guidance_in.in_layer.weight" in self.shapes else "no guidance_in"
-        doubles, singles = _count_blocks(self.shapes, "double_blocks"), _count_blocks(self.shapes, "single_blocks")
+        if self.generation is FLUX3:
+            hidden, in_channels = self.shapes.get("emb_in.image.weight", ("?", "?"))
+            extra = "flow map (has ref_time_in)" if "ref_time_in.in_layer.weight" in self.shapes else "no ref_time_in"
+            blocks = f"{_count_blocks(self.shapes, 'txt_mode_blocks')} mode blocks per mode + "
+            blocks += f"{_count_blocks(self.shapes, 'single_blocks')} joint blocks"
+        else:
+            hidden, in_channels = self.shapes.get("img_in.weight", ("?", "?"))
+            extra = "has guidance_in" if "guidance_in.in_layer.weight" in self.shapes else "no guidance_in"
+            doubles, singles = _count_blocks(self.shapes, "double_blocks"), _count_blocks(self.shapes, "single_blocks")
+            blocks = f"{doubles} double + {singles} single blocks"
         return (
-            f"{self.path} looks like {self.variant()} ({self.generation.name} transformer, {layout}, {guidance}, "
-            f"in_channels {in_channels}, hidden {hidden}, {doubles} double + {singles} single blocks, "
-            f"{'/'.join(self.dtypes)})"
+            f"{self.path} looks like {self.variant()} ({self.generation.name} transformer, {layout}, {extra}, "
+            f"in_channels {in_channels}, hidden {hidden}, {blocks}, {'/'.join(self.dtypes)})"
         )
 
 
@@ -277,7 +336,8 @@ def _config_differences(found, wanted) -> str:
 def _requested_config(info: CheckpointInfo, config):
     """A config or preset name -> the generation's config; CheckpointError when it is another generation's."""
     generation = info.generation
-    other = next((g for g in GENERATIONS if g is not generation and (config in g.presets or isinstance(config, g.config))), None)
+    others = [g for g in GENERATIONS if g is not generation]
+    other = next((g for g in others if config in g.presets or isinstance(config, g.config)), None)
     if other is not None:
         what = f"preset {config!r}" if isinstance(config, str) else f"a {type(config).__name__}"
         raise CheckpointError(
@@ -294,9 +354,9 @@ def load_flux(
     device: str | torch.device = "cpu",
     check_finite: bool = False,
 ) -> nn.Module:
-    """The file's transformer (`Flux` or `Flux2`) with the checkpoint's tensors as parameters: memory-mapped,
-    in the file's dtype unless `dtype` is given. Peak memory is about one copy of the weights (diffusers
-    layout: plus its fused parts). `config`: a config or preset name of the file's generation, or None.
+    """The file's transformer (`Flux`, `Flux2` or `Flux3`) with the checkpoint's tensors as parameters:
+    memory-mapped, in the file's dtype unless `dtype` is given. Peak memory is about one copy of the weights
+    (diffusers layout: plus its fused parts). `config`: a config or preset name of the file's generation, or None.
 
     fp8 files (BFL layout): the Linear weights stay in fp8 with their scales and compute in bf16
     (`flux_mini.lowmem`); `dtype=` dequantizes everything instead. check_finite=True refuses a NaN or Inf
@@ -321,6 +381,7 @@ def load_flux(
     if has_float8(tensors) and (dtype is not None or info.layout == "diffusers"):
         tensors = dequantize_float8(tensors, dtype or torch.bfloat16)  # dtype= casts everything; fusing needs it
     tensors = generation.to_bfl(tensors) if info.layout == "diffusers" else tensors
+    tensors = _drop_unused(tensors, generation, path)
     with torch.device("meta"):
         model = generation.model(config)
     if has_float8(tensors):  # Linear weights stay one byte each; the rest is upcast to bf16
@@ -331,6 +392,19 @@ def load_flux(
     return load_strict(
         model, tensors, dtype=dtype, device=device, description=description, check_finite=check_finite
     ).eval()
+
+
+def _drop_unused(tensors: dict, generation: Generation, path) -> dict:
+    """The tensors without those the generation ships but does not use, with a warning naming them."""
+    unused = sorted(k for k in tensors if generation.unused and k.startswith(generation.unused))
+    if unused:
+        more = f", ... ({len(unused) - 5} more)" if len(unused) > 5 else ""
+        warnings.warn(
+            f"{path}: not loading {len(unused)} tensor(s) that the {generation.name} model does not use "
+            f"(training-only or unused heads): {', '.join(unused[:5])}{more}",
+            stacklevel=3,
+        )
+    return {k: v for k, v in tensors.items() if k not in unused}
 
 
 def save_flux(model: nn.Module, path: str | Path, layout: str = "bfl") -> None:

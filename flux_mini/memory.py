@@ -97,3 +97,28 @@ def fitting_size(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if needed(*snap(mid)) <= budget else (lo, mid)
     return snap(lo)
+
+
+def check_fits(
+    estimate: Callable[[int, int], dict[str, int]],
+    height: int,
+    width: int,
+    batch: int,
+    multiple: int,
+    device: torch.device,
+    available: int | None,
+    no_fit: str,
+) -> None:
+    """Refuse a run whose estimate(height, width) exceeds `available` bytes (None: the device's free memory),
+    naming the estimate per stage and the largest size of the same aspect ratio that fits (else `no_fit`)."""
+    available = available_bytes(device) if available is None else available
+    parts = estimate(height, width)
+    if max(parts.values()) <= available:
+        return
+    detail = ", ".join(f"{name} {gib(count)}" for name, count in parts.items())
+    what = f"a batch of {batch} at {width}x{height}" if batch > 1 else f"{width}x{height}"
+    fits = fitting_size(height, width, multiple, lambda h, w: max(estimate(h, w).values()), available)
+    fix = f"use a size that fits, e.g. width {fits[1]} and height {fits[0]}" if fits else no_fit
+    raise RunTooLargeError(
+        f"{what} needs about {gib(max(parts.values()))} ({detail}) but {device} has {gib(available)} free; {fix}"
+    )

@@ -30,7 +30,7 @@ from flux_mini.autoencoder import AutoEncoder, IdentityAutoEncoder, load_autoenc
 from flux_mini.convert import config_from_diffusers
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux, FluxConfig
-from flux_mini.memory import RunSize, RunTooLargeError, available_bytes, estimate_bytes, fitting_size, gib
+from flux_mini.memory import RunSize, check_fits, estimate_bytes
 from flux_mini.sampling import (
     check_seed,
     denoise,
@@ -221,8 +221,9 @@ def check_finite(tensor: Tensor, what: str) -> Tensor:
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise NonFiniteError(
-            f"the {what} hold {bad} NaN/Inf values of {tensor.numel()}: the weights may hold non-finite values, "
-            "t or guidance may be NaN/out of range, or float16 overflowed (use bfloat16 or float32)"
+            f"the {what} hold {bad} NaN/Inf values of {tensor.numel()}: the weights may hold non-finite values "
+            "(load_flux(..., check_finite=True) names them), t or guidance may be NaN or out of range, or float16 "
+            "overflowed (use bfloat16 or float32)"
         )
     return tensor
 
@@ -355,27 +356,12 @@ class FluxPipeline:
 
     def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
         """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
-        available = available_bytes(self.device) if available is None else available
-        parts = self.memory_estimate(height, width, batch, concepts)
-        if max(parts.values()) <= available:
-            return
-        detail = ", ".join(f"{name} {gib(count)}" for name, count in parts.items())
-        what = f"a batch of {batch} at {width}x{height}" if batch > 1 else f"{width}x{height}"
-        multiple = 2 * self.autoencoder.downsample_factor
-        fits = fitting_size(
-            height, width, multiple, lambda h, w: max(self.memory_estimate(h, w, batch, concepts).values()), available
-        )
-        fix = (
-            f"use a size that fits, e.g. width {fits[1]} and height {fits[0]}"
-            if fits
-            else f"no image size fits: lower t5_max_length ({self.t5.max_length}) in the folder's sampling.json"
-        )
-        raise RunTooLargeError(
-            f"{what} needs about {gib(max(parts.values()))} ({detail}) but {self.device} has {gib(available)} "
-            f"free; {fix}"
+        check_fits(
+            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            2 * self.autoencoder.downsample_factor, self.device, available,
+            f"no image size fits: lower t5_max_length ({self.t5.max_length}) in the folder's sampling.json",
         )
 
-    @torch.inference_mode()
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Prompts -> txt (B, T, d_T5), txt_ids (B, T, 3), y (B, d_CLIP), in the pipeline dtype on the device."""
         prompts = prompt_list(prompts)
@@ -416,16 +402,20 @@ class FluxPipeline:
         timesteps: list[float],
         guidance: float | None = None,
         progress: bool = True,
+        interventions=None,
+        grad: bool = False,
     ) -> Tensor:
-        """The Euler loop on the transformer; guidance only reaches dev-family models."""
+        """The Euler loop on the transformer; guidance only reaches dev-family models. `interventions`
+        (`flux_mini.interp.Interventions`) caches or patches named sites per step; autograd only with `grad`."""
         if not self.model.config.guidance_embed:
             guidance = None
         elif guidance is None:
             guidance = self.defaults.guidance
         with self.on_device(self.model):
-            return denoise(self.model, img, img_ids, txt, txt_ids, y, timesteps, guidance, progress)
+            return denoise(
+                self.model, img, img_ids, txt, txt_ids, y, timesteps, guidance, progress, interventions, grad
+            )
 
-    @torch.inference_mode()
     def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
         """Final tokens (B, L, 4z) -> images (B, C, height, width) in float32, clamped to [-1, 1]."""
         self.check_size(height, width)
@@ -473,20 +463,25 @@ class FluxPipeline:
         guidance: float | None = None,
         seed: int | torch.Generator = 0,
         progress: bool = True,
+        interventions=None,
     ) -> Image.Image | list[Image.Image]:
         """Generate one image per prompt (a PIL image for a string, a list for a list).
 
         Unset width, height, num_steps and guidance come from the model folder (sampling.json, else the
         variant's: 1024x1024, 4 steps for schnell, 50 steps and guidance 3.5 for dev); schnell models ignore
         guidance. Sizes must be multiples of 16 (of 2 x the AE downsample factor). Prompt i of a list uses
-        seed + i, so a list gives the images of a loop; a torch.Generator draws the whole batch from it."""
+        seed + i, so a list gives the images of a loop; a torch.Generator draws the whole batch from it.
+        `interventions` (`flux_mini.interp.Interventions`) caches or patches named sites at every (or chosen)
+        denoising steps; the cache stays on it (`interventions.cache[step][name]`). Runs without autograd."""
         prompts = prompt_list(prompt)
         width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
         check_seed(seed, len(prompts))
         self.check_memory(height, width, len(prompts))
-        txt, txt_ids, y = self.encode_prompt(prompts)
-        img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
-        timesteps = self.timesteps(num_steps, img.shape[1])
-        tokens = check_finite(self.denoise(img, img_ids, txt, txt_ids, y, timesteps, guidance, progress), "latents")
-        images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "decoded images"))
+        with torch.no_grad():
+            txt, txt_ids, y = self.encode_prompt(prompts)
+            img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
+            timesteps = self.timesteps(num_steps, img.shape[1])
+            tokens = self.denoise(img, img_ids, txt, txt_ids, y, timesteps, guidance, progress, interventions)
+            tokens = check_finite(tokens, "latents")
+            images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "decoded images"))
         return images[0] if isinstance(prompt, str) else images

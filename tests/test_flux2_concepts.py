@@ -14,6 +14,7 @@ from concept_attention import compute_concept_maps
 from concept_attention.maps import MapAccumulator, run_concept_layers
 from flux_mini import Flux2
 from flux_mini.flux2 import AUTHORS_CONCEPT_POSITION, concept_position_ids
+from flux_mini.interp import attention_weights, site_names
 from flux_mini.layers import Sites
 from flux_mini.tiny import randomize_, tiny_flux2_config
 
@@ -123,10 +124,12 @@ def naive_blocks(model: Flux2, x: dict, concept_ids: torch.Tensor) -> dict:
         chunks = lin(torch.nn.functional.silu(vec), name)[:, None].chunk(3 * sets, dim=-1)
         return [chunks[i : i + 3] for i in range(0, 3 * sets, 3)]
 
-    vec = lin(torch.nn.functional.silu(lin(temb(x["timesteps"]), "time_in.in_layer.weight")), "time_in.out_layer.weight")
+    def embed(value, name):
+        return lin(torch.nn.functional.silu(lin(temb(value), f"{name}.in_layer.weight")), f"{name}.out_layer.weight")
+
+    vec = embed(x["timesteps"], "time_in")
     if c.use_guidance_embed:
-        g = temb(x["guidance"])
-        vec = vec + lin(torch.nn.functional.silu(lin(g, "guidance_in.in_layer.weight")), "guidance_in.out_layer.weight")
+        vec = vec + embed(x["guidance"], "guidance_in")
     img, txt, con = lin(x["img"].double(), "img_in.weight"), lin(x["txt"].double(), "txt_in.weight"), None
     con = lin(x["concept_txt"].double(), "txt_in.weight")
     (img_a, img_m), (txt_a, txt_m) = mods("double_stream_modulation_img.lin.weight", 2), mods(
@@ -180,7 +183,8 @@ def naive_blocks(model: Flux2, x: dict, concept_ids: torch.Tensor) -> dict:
     attn = attend(q_r, k_r, v)
     xs = xs + gate * lin(torch.cat((attn, swiglu(mlp_in)), dim=-1), f"{b}linear2.weight")
     q_c, k_c, v_c, mlp_c = parts["con"]
-    o_c = attend(rope(q_c, concept_ids), torch.cat((rope(k_c, concept_ids), k_r[:, T:]), dim=1), torch.cat((v_c, v[:, T:]), dim=1))
+    keys, values = torch.cat((rope(k_c, concept_ids), k_r[:, T:]), dim=1), torch.cat((v_c, v[:, T:]), dim=1)
+    o_c = attend(rope(q_c, concept_ids), keys, values)
     stream = new["con"] + gate * lin(torch.cat((o_c, swiglu(mlp_c)), dim=-1), f"{b}linear2.weight")
     out["single"] = dict(
         img=xs[:, T:], concept_out=o_c, image_out=attn[:, T:], stream=stream, scores=o_c @ attn[:, T:].transpose(1, 2),
@@ -244,7 +248,7 @@ def test_concepts_never_change_image_or_text(concepts, attention, single, guided
         for a, b in zip(plain, with_concepts):
             assert torch.equal(a.img, b.img)
             assert (b.concepts is not None) == (b.index < model.config.depth or single)
-        shared = {k: v for k, v in concept_sites.store.items() if not k.endswith(("concept_attn", "concepts"))}
+        shared = {k: v for k, v in concept_sites.store.items() if k.rsplit(".", 1)[-1] not in CONCEPT_SITES}
         assert shared.keys() == plain_sites.store.keys()
         assert all(torch.equal(shared[k], plain_sites.store[k]) for k in shared)
         velocity = model(**x)
@@ -271,9 +275,8 @@ def test_permuting_concepts_permutes_maps(perm_seed, concepts, space, attention,
     ids = torch.randint(0, 600, (2, concepts, 4), generator=g) if own_ids else concept_position_ids(2, concepts, 510)
     perm = torch.randperm(concepts, generator=g)
     base = maps(MODEL64, x, space=space, attention=attention, concept_ids=ids)
-    permuted = maps(
-        MODEL64, x | {"concept_txt": x["concept_txt"][:, perm]}, space=space, attention=attention, concept_ids=ids[:, perm]
-    )
+    x_permuted = x | {"concept_txt": x["concept_txt"][:, perm]}
+    permuted = maps(MODEL64, x_permuted, space=space, attention=attention, concept_ids=ids[:, perm])
     torch.testing.assert_close(permuted, base[:, perm], rtol=1e-9, atol=1e-12)
 
 
@@ -337,8 +340,9 @@ def test_bad_concept_inputs_say_what_to_pass():
 
 # -- named sites --------------------------------------------------------------------------------
 
-DOUBLE_SITES = ["q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt", "concept_attn", "concepts"]
-SINGLE_SITES = ["q", "k", "v", "attn", "mlp", "x", "concept_attn", "concepts"]
+CONCEPT_SITES = ["concept_q", "concept_k", "concept_attn", "concepts"]
+DOUBLE_SITES = ["q", "k", "v", "txt_attn", "img_attn", "img_mlp", "img", "txt_mlp", "txt"] + CONCEPT_SITES
+SINGLE_SITES = ["q", "k", "v", "attn", "mlp", "x"] + CONCEPT_SITES
 
 
 def test_named_sites_are_the_documented_ones_and_replacing_one_changes_the_output():
@@ -353,6 +357,7 @@ def test_named_sites_are_the_documented_ones_and_replacing_one_changes_the_outpu
     expected += [f"double_blocks.{i}.{n}" for i in range(2) for n in DOUBLE_SITES]
     expected += [f"single_blocks.{i}.{n}" for i in range(2) for n in SINGLE_SITES]
     assert sorted(recorder.store) == sorted(expected)
+    assert site_names(GUIDED) == list(recorder.store)  # the declared SITES, in the order the forward visits them
     assert recorder.store["double_stream_modulation_img"].shape == (2, 1, 6 * 64)
     assert recorder.store["single_blocks.0.mlp"].shape == (2, 5 + 12, 3 * 64)
 
@@ -366,3 +371,20 @@ def test_named_sites_are_the_documented_ones_and_replacing_one_changes_the_outpu
         gated_off = list(GUIDED.layers(**x, sites=ZeroModulation()))
     assert not torch.allclose(plain, patched)
     assert torch.equal(gated_off[-1].img, gated_off[1].img)  # gate 0: the single blocks change nothing
+
+
+def test_concept_attention_weights_read_at_the_sites_reproduce_the_concept_outputs():
+    """flux_mini.interp rebuilds the concept rows of the attention from the q/k sites (concept_q, concept_k
+    and the image keys, all after RoPE): weighting [v_c ; v_img] with them must give o_c in every layer."""
+    x = inputs(MODEL64, concepts=3, dtype=torch.float64)
+    concept_txt = x.pop("concept_txt")
+    ids = torch.tensor([[0, 0, 0, 510], [0, 2, 1, 0], [3, 0, 0, 9]]).expand(2, 3, 4)
+    with torch.no_grad():
+        stream = MODEL64.concept_stream(concept_txt, x["timesteps"], ids, None, "both", False, True)
+        weights = attention_weights(MODEL64, **x, concepts=stream, queries="concepts", keys="all")
+        layers = list(MODEL64.layers(**x, concepts=stream))
+    for layer in layers:
+        c = layer.concepts
+        values = torch.cat((c.concept_values, c.image_values), dim=1).unflatten(-1, (4, 16)).transpose(1, 2)
+        out = (weights[layer.index] @ values).transpose(1, 2).flatten(2)  # (B, r, D)
+        torch.testing.assert_close(out, c.concept_out, rtol=1e-10, atol=1e-12)

@@ -127,7 +127,8 @@ def test_loaded_models_match_diffusers(tiny):
 
     # controls: each of these plausible bugs must break the comparison above
     state = model.state_dict()
-    unswapped = flux2_bfl_to_diffusers(state) | {"norm_out.linear.weight": state["final_layer.adaLN_modulation.1.weight"]}
+    unswapped = flux2_bfl_to_diffusers(state)
+    unswapped["norm_out.linear.weight"] = state["final_layer.adaLN_modulation.1.weight"]
     wrong = diffusers_forward(diffusers_model(config, unswapped), x)
     assert (wrong - reference).abs().max() > 1e-2 * scale
     swapped_swiglu = dict(state)

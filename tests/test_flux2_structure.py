@@ -60,7 +60,8 @@ def test_config_inferred_from_official_shapes_in_both_layouts(name):
     official = spec(name)
     shapes = {k: tuple(s) for k, s in official["keys"].items()}
     assert infer_flux2_config(shapes) == Flux2Config(**official["params"])
-    converted = {k: tuple(t.shape) for k, t in flux2_diffusers_to_bfl(flux2_bfl_to_diffusers(meta_state(shapes))).items()}
+    round_trip = flux2_diffusers_to_bfl(flux2_bfl_to_diffusers(meta_state(shapes)))
+    converted = {k: tuple(t.shape) for k, t in round_trip.items()}
     assert infer_flux2_config(converted) == Flux2Config(**official["params"])
 
 
@@ -106,3 +107,5 @@ def test_bad_configs_and_presets_say_why():
         Flux2Config(axes_dim=(32, 32, 32))
     with pytest.raises(ValueError, match="not divisible"):
         Flux2Config(num_heads=5)
+    with pytest.raises(ValueError, match="hidden_size 0, mlp_ratio -1.0: must be positive"):
+        Flux2Config(hidden_size=0, mlp_ratio=-1.0)

@@ -17,6 +17,9 @@ def test_notebook_runs(path, tmp_path):
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    streams = [o.get("text", "") for o in outputs if o.get("output_type") == "stream"]
+    assert not any("IProgress" in text or "Loading weights" in text for text in streams)  # no widget warnings or bars
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the notebook drew no picture"
 

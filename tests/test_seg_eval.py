@@ -372,10 +372,7 @@ def tiny_run(tiny_weights, tmp_path_factory):
     return out
 
 
-def test_tiny_model_end_to_end(tiny_weights, tiny_run):
-    from concept_attention.pipeline import ConceptAttentionPipeline
-    from concept_attention.shapes import ShapesConfig, ShapesDataset
-
+def test_tiny_model_end_to_end(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())["results"]
     assert summary["concept_attention"]["n_images"] == 2
     assert {"concept_attention@layer=2", "value_space@t=0.3"} <= set(summary)
@@ -383,18 +380,36 @@ def test_tiny_model_end_to_end(tiny_weights, tiny_run):
         assert 0 <= row["pixel_accuracy"] <= 1 and 0 <= row["miou"] <= 1
     assert all((tiny_run / "plots" / name).exists() for name in ("per_layer.png", "per_timestep.png", "examples.png"))
 
-    # Independent recomputation of image 0: shapes labels, the caption, argmax over concepts by hand.
+
+def test_demo_model_run_equals_an_independent_recomputation(tmp_path):
+    """The trained demo model (whose maps find several classes, so a wrong label mapping shows), one image:
+    shapes labels, the caption, the preset's t, samples and layers, argmax over concepts by hand."""
+    from concept_attention.pipeline import ConceptAttentionPipeline
+    from concept_attention.shapes import ShapesConfig, ShapesDataset
+
+    demo = REPO / "weights" / "demo"
+    preset = get_preset("shapes")
+    assert run_eval(parse("--dataset", "shapes", "--data", "1:1", "--weights", str(demo), "--out", str(tmp_path),
+                          "--methods", "concept_attention", "--no-progress", "--no-plots")) == 0
     words = list(ShapesConfig().concept_words)
-    sample = ShapesDataset(2, seed=3)[0]
+    sample = ShapesDataset(1, seed=1)[0]
     truth = np.array([words.index(n) for n in sample.class_names])[sample.mask]
     concepts = [words[label] for label in np.unique(truth)]   # the classes present, in label order
-    pipe = ConceptAttentionPipeline.from_folder(tiny_weights)
-    out = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=0.5, layer_indices=[0, 1, 2])
-    maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="nearest")[0]
-    predicted = np.array([words.index(concepts[k]) for k in range(len(concepts))])[maps.argmax(0).numpy()]
-    expected = np.zeros((len(words), len(words)), np.int64)
-    np.add.at(expected, (truth.ravel(), predicted.ravel()), 1)
-    record = load_records(tiny_run)["shapes-3-0"]
+    pipe = ConceptAttentionPipeline.from_folder(demo)
+
+    def confusion(num_samples: int) -> np.ndarray:
+        out = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=preset.t, num_samples=num_samples,
+                                seed=preset.seed)  # default layers: the last four double blocks
+        maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="nearest")[0]
+        predicted = np.array([words.index(c) for c in concepts])[maps.argmax(0).numpy()]
+        matrix = np.zeros((len(words), len(words)), np.int64)
+        np.add.at(matrix, (truth.ravel(), predicted.ravel()), 1)
+        return matrix
+
+    expected = confusion(preset.num_samples)
+    assert np.count_nonzero(expected.sum(0)) >= 2                 # more than one label predicted
+    assert preset.num_samples > 1 and not np.array_equal(expected, confusion(1))  # the sample count matters
+    record = load_records(tmp_path)[sample.image_id]
     assert np.array_equal(np.asarray(record["scores"]["concept_attention"]["confusion"]), expected)
 
 

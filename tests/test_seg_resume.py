@@ -155,7 +155,8 @@ def test_folder_dataset_defaults_and_needs_data(tmp_path):
 
 
 def test_folder_dataset_runs_on_the_demo_model_with_its_default_preset(tmp_path):
-    write_folder(tmp_path / "data", n=1, size=32)
+    # words of the demo vocabulary: concepts it knows only as <unk> would get identical maps (an error)
+    write_folder(tmp_path / "data", n=1, size=32, classes="label,name\n0,grass\n1,circle\n2,square\n")
     assert run("--dataset", "folder", "--data", str(tmp_path / "data"), "--weights", str(DEMO),
                "--out", str(tmp_path / "out")) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["config"]["protocol"]["name"] == "folder"
@@ -299,6 +300,7 @@ def write_folder(root, n=2, size=8, classes="label,name\n0,background\n1,cat\n2,
     ("label,name\n0,background\n1,cat\n2,cat\n", r"lines 3 and 4: two labels are named 'cat'"),
     ("label,name\n0,background\none,cat\n", r"line 3: label 'one' is not a non-negative integer"),
     ("label,name\n0,background\n1,\n", r"line 3: label 1 has no name"),
+    ("label,name\n0,background\n\u00b2,cat\n", r"line 3: label '\u00b2' is not a non-negative integer"),
 ])
 def test_classes_csv_errors_name_the_rows(tmp_path, classes, message):
     from concept_attention.segmentation.datasets import DatasetError, FolderDataset
@@ -374,8 +376,22 @@ def test_an_eval_size_that_cannot_fit_is_refused_with_one_that_does():
     fits = int(str(error.value).split("use --eval-size ")[1].split()[0])
     assert eval_memory_bytes(fits, 26, 21) <= available // 2 < eval_memory_bytes(fits + 1, 26, 21)
     check_eval_memory(replace(proto, eval_size=fits), 21, available=available)
+    with pytest.raises(EvalError, match=r"--pipeline-size 100000 needs about 223\.5 GiB .* use --pipeline-size 13377 "):
+        check_eval_memory(replace(proto, pipeline_size=100000), 21, available=available)
+    check_eval_memory(replace(proto, pipeline_size=13377), 21, available=available)
 
 
 def test_eval_size_guard_runs_before_anything_is_allocated(tmp_path):
     with pytest.raises(SystemExit, match=r"--eval-size 1000000 needs about .* GiB"):
         background_only(tmp_path, "--eval-size", "1000000")
+
+
+def test_eval_speaks_the_shared_cli_vocabulary(tmp_path, capsys):
+    from concept_attention.cli import build_parser
+
+    with pytest.raises(SystemExit, match="--device foo: not a device"):
+        background_only(tmp_path, "--device", "foo")
+    assert parse("--dataset", "shapes", "--out", "x", "--quiet").no_progress
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    assert "(default: float32)" in capsys.readouterr().out

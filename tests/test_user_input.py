@@ -56,15 +56,16 @@ def pixels(image) -> np.ndarray:
 
 
 def test_size_and_steps_come_from_the_folder(pipe):
-    """Bug: 1024x1024 and 4 steps whatever the folder says (the tiny folder says 64x64)."""
+    """Bug: 1024x1024 and 4 steps whatever the folder says (the tiny folder says 32x32)."""
     image = pipe.flux("a cat", progress=False)
-    assert image.size == (64, 64) and pipe.flux.defaults.num_steps == 4
+    assert image.size == (32, 32) and pipe.flux.defaults.num_steps == 4
     out = pipe.generate_image("a cat", CONCEPTS, num_inference_steps=1, progress=False)
-    assert out.image.size == (64, 64) and out.concept_maps.shape == (3, 16, 16)
+    assert out.image.size == (32, 32) and out.concept_maps.shape == (3, 8, 8)
 
 
 def test_dev_defaults_are_the_same_in_both_pipelines(dev_folder):
-    """Bug: ConceptAttentionPipeline ran a dev model with guidance 0.0 and 4 steps, FluxPipeline with 3.5 and its own."""
+    """Bug: ConceptAttentionPipeline ran a dev model with guidance 0.0 and 4 steps, FluxPipeline with 3.5 and
+    the folder's steps."""
     concept_pipe = ConceptAttentionPipeline.from_folder(dev_folder)
     flux = concept_pipe.flux
     out = concept_pipe.generate_image("a cat", CONCEPTS, progress=False)
@@ -76,7 +77,7 @@ def test_dev_defaults_are_the_same_in_both_pipelines(dev_folder):
 
 def test_encode_resizes_to_the_folders_size_unless_told(pipe):
     image = Image.new("RGB", (200, 120), (200, 30, 30))
-    assert pipe.encode_image(image, CONCEPTS, layer_indices=[0]).concept_maps.shape == (3, 16, 16)  # 64x64
+    assert pipe.encode_image(image, CONCEPTS, layer_indices=[0]).concept_maps.shape == (3, 8, 8)  # 32x32
     assert pipe.encode_image(image, CONCEPTS, layer_indices=[0], width=32, height=16).concept_maps.shape == (3, 4, 8)
 
 
@@ -102,7 +103,8 @@ def test_a_list_of_prompts_is_a_batch_equal_to_a_loop(pipe):
     """Bug: a list reached the tokenizer as one sentence pair (one image for two prompts)."""
     flux = pipe.flux
     batch = flux(["a cat", "a red car"], width=32, height=32, num_steps=2, seed=5, progress=False)
-    loop = [flux(p, width=32, height=32, num_steps=2, seed=s, progress=False) for p, s in (("a cat", 5), ("a red car", 6))]
+    loop = [flux(p, width=32, height=32, num_steps=2, seed=s, progress=False)
+            for p, s in [("a cat", 5), ("a red car", 6)]]
     assert len(batch) == 2
     for a, b in zip(batch, loop):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1  # batched float32 matmuls may round differently
@@ -114,16 +116,22 @@ def test_a_list_of_prompts_is_a_batch_equal_to_a_loop(pipe):
         flux.encode_prompt([["a cat", "a dog"]])
 
 
-@pytest.mark.parametrize("seed", [-1, 2**64, 1.0, "3", True, None])
+def test_seeds_repeat_after_2_to_the_32():
+    """The fact behind the seed range: torch's CPU generator keeps a seed's low 32 bits."""
+    draw = [torch.randn(4, generator=torch.Generator().manual_seed(s)) for s in (7, 7 + 2**32)]
+    assert torch.equal(*draw)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64, 1.0, "3", True, None])
 def test_seeds_outside_the_range_are_refused(pipe, seed):
-    """Bug: seeds s and s + 2**32 (or 2**64) gave the same image; floats were accepted."""
+    """Bug: seeds s and s + 2**32 gave the same image; floats were accepted."""
     with pytest.raises(ValueError, match=r"seed"):
         pipe.flux("a cat", width=16, height=16, num_steps=1, seed=seed, progress=False)
 
 
 def test_the_last_seed_of_a_batch_must_fit(pipe):
     with pytest.raises(ValueError, match=r"seed \+ 1"):
-        pipe.flux(["a", "b"], width=16, height=16, num_steps=1, seed=2**64 - 1, progress=False)
+        pipe.flux(["a", "b"], width=16, height=16, num_steps=1, seed=2**32 - 1, progress=False)
 
 
 def test_a_generator_is_accepted_wherever_a_seed_is(pipe):
@@ -302,7 +310,8 @@ def test_flux_mini_output_path_is_checked_first(tmp_path, capsys, out, message):
 
 def test_concept_attention_output_folder_is_checked_first(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
-    for out, message in ((tmp_path / "file.txt", "is a file"), (tmp_path / "file.txt" / "sub", "is a file, not a folder")):
+    for out, message in [(tmp_path / "file.txt", "is a file"),
+                         (tmp_path / "file.txt" / "sub", "is a file, not a folder")]:
         argv = ["generate", "--weights", str(tmp_path / "no-such-model"), "--prompt", "x", "--concepts", "a", "b",
                 "--out", str(out)]
         assert concept_main(argv) == 2
@@ -346,7 +355,7 @@ def test_unusable_devices_are_one_line_naming_the_flag(folder, capsys, device):
         assert f"--device {device}:" in err and ("--device cpu" in err or "use auto" in err)
 
 
-@pytest.mark.parametrize("value", ["1.5", "-1", str(2**64), "x"])
+@pytest.mark.parametrize("value", ["1.5", "-1", str(2**32), "x"])
 def test_bad_seeds_are_refused_by_both_clis(capsys, value):
     for main, argv in ((flux_main, ["generate", "--weights", "w", "--prompt", "a", "--out", "x.png"]),
                        (concept_main, ["encode", "--image", "i.png", "--concepts", "a", "--out", "x"])):
@@ -368,6 +377,12 @@ def test_both_clis_share_flags_and_show_defaults(capsys):
         assert "(default: auto)" in text and "(default: from the model" in text
     assert "--steps" in helps["flux"] and "--steps" in helps["gen"] and "--num-samples" in helps["enc"]
     assert "resize the image" in helps["enc"]  # encode --width is the resize, not a generation size
+    from concept_attention.cli import build_parser
+
+    old = build_parser().parse_args(["encode", "--image", "i.png", "--concepts", "a", "--out", "o", "--samples", "3",
+                                     "--no-progress"])
+    assert old.num_samples == 3 and old.quiet  # the old spellings still work (hidden from --help)
+    assert "--samples" not in helps["enc"].replace("--num-samples", "")
     with pytest.raises(SystemExit) as exit_:
         flux_main(["generate", "--weights", "w", "--prompt", "a", "--out", "x.png", "--steps", "0"])
     assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
@@ -378,7 +393,7 @@ def test_tiny_folder_then_generate_with_its_own_defaults(tmp_path, capsys):
     assert flux_main(["tiny", str(tmp_path / "tiny")]) == 0
     assert flux_main(["generate", "--weights", str(tmp_path / "tiny"), "--prompt", "a red circle", "--out",
                       str(tmp_path / "tiny.png"), "--quiet"]) == 0
-    assert Image.open(tmp_path / "tiny.png").size == (64, 64) and "64x64" in capsys.readouterr().out
+    assert Image.open(tmp_path / "tiny.png").size == (32, 32) and "32x32" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +418,34 @@ def test_random_fallback_model_is_labelled_and_cleaned_up(tmp_path, capsys):
 
     with embedded_model(folder=tmp_path / "no-demo-here") as demo:
         assert not demo.trained and demo.label.startswith("random model") and demo.weights.is_dir()
-        assert demo.image_size == 64
+        assert demo.image_size == 32
     assert not demo.weights.exists()
     said = capsys.readouterr().out
     assert "RANDOM model" in said and "weights/demo/" in said and "removed afterwards" in said
+
+
+def test_concept_figure_has_one_colour_bar_on_the_shared_range_and_an_overlay():
+    import matplotlib.pyplot as plt
+
+    from concept_attention.pictures import concept_grid
+
+    image = Image.new("RGB", (16, 16), (0, 120, 0))
+    maps = torch.stack([torch.zeros(4, 4), torch.full((4, 4), 0.25), torch.linspace(0, 0.8, 16).reshape(4, 4)])
+    figure = concept_grid(image, maps, ["a", "b", "c"])
+    *panels, bar = figure.axes
+    assert len(panels) == 4 and bar.get_ylim() == pytest.approx((0.0, 0.8))  # the range of all maps together
+    plain = panels[1].images[0].get_array()
+    overlaid = concept_grid(image, maps, ["a", "b", "c"], overlay_alpha=0.5).axes[1].images[0].get_array()
+    assert np.asarray(overlaid)[0, 0, 1] > np.asarray(plain)[0, 0, 1]  # the green image shows through
+    plt.close("all")
+
+
+def test_quiet_restores_the_libraries_logging_state():
+    from transformers.utils import logging as hf_logging
+
+    from flux_mini.pipeline import quiet_transformers
+
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_transformers(logging=True):
+        assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before

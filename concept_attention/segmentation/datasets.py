@@ -279,9 +279,12 @@ class FolderDataset(Sequence[SegSample]):
     @staticmethod
     def _read_classes(path: Path) -> list[str]:
         """label -> name from classes.csv (a byte-order mark is fine); every bad row is named by its line."""
-        with open(path, newline="", encoding="utf-8-sig") as file:
-            reader = csv.DictReader(file)
-            rows = [(reader.line_num, row) for row in reader]
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as file:
+                reader = csv.DictReader(file)
+                rows = [(reader.line_num, row) for row in reader]
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{path} is not UTF-8 text ({error}): save it as UTF-8") from None
         if not rows or set(reader.fieldnames or ()) != {"label", "name"}:
             raise DatasetError(f"{path}: expected a header 'label,name' and one row per class")
         names: dict[int, str] = {}
@@ -289,7 +292,7 @@ class FolderDataset(Sequence[SegSample]):
         line_of_name: dict[str, int] = {}
         for line, row in rows:
             text, name = (row["label"] or "").strip(), (row["name"] or "").strip()
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):
                 raise DatasetError(f"{path} line {line}: label {text!r} is not a non-negative integer")
             label = int(text)
             if not name:

@@ -313,13 +313,17 @@ def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, c
             wanted.setdefault((METHODS[method].attention, t), []).append((t_key(method, t), method, False))
     for (attention, t), jobs in wanted.items():
         per_layer = any(job[2] for job in jobs)
-        out = get_provider().encode_image(
-            image, vocab.concepts, prompt=vocab.prompt, noise_timestep=protocol.noise_timestep,
-            num_steps=protocol.num_steps, t=t, num_samples=protocol.num_samples, seed=protocol.seed,
-            layer_indices=list(protocol.layers) if protocol.layers is not None else None,
-            softmax=protocol.softmax, normalize=protocol.normalize, blur=protocol.blur, attention=attention,
-            width=protocol.pipeline_size, height=protocol.pipeline_size, per_layer=per_layer,
-        )
+        provider = get_provider()                   # a model that cannot load says so itself
+        try:
+            out = provider.encode_image(
+                image, vocab.concepts, prompt=vocab.prompt, noise_timestep=protocol.noise_timestep,
+                num_steps=protocol.num_steps, t=t, num_samples=protocol.num_samples, seed=protocol.seed,
+                layer_indices=list(protocol.layers) if protocol.layers is not None else None,
+                softmax=protocol.softmax, normalize=protocol.normalize, blur=protocol.blur, attention=attention,
+                width=protocol.pipeline_size, height=protocol.pipeline_size, per_layer=per_layer,
+            )
+        except ValueError as error:                 # the model refused this input: say which image
+            raise EvalError(f"image {sample.image_id}: {error}") from None
         for key, method, with_layers in jobs:
             space = METHODS[method].space
             maps = getattr(out, MAP_FIELDS[space])
@@ -409,11 +413,18 @@ def available_memory_bytes() -> int | None:
 
 
 def check_eval_memory(protocol: SegProtocol, num_classes: int, available: int | None = None) -> None:
-    """Refuse an eval size whose scoring would not fit in half the available memory (the rest is the model's),
-    naming the estimate and the largest size that fits."""
+    """Refuse sizes whose work would not fit in half the available memory (the rest is the model's), naming the
+    estimate and the largest size that fits: the eval size's scoring, and the input image prepare_image makes
+    (float32 RGB at pipeline_size, twice: the array and its nearest upsample; the model's own need is the
+    pipeline's to check)."""
     available = available_memory_bytes() if available is None else available
     if available is None:
         return
+    for flag, size in (("--pipeline-size", protocol.pipeline_size), ("--input-size", protocol.input_size)):
+        if size is not None and 2 * 12 * size ** 2 > available // 2:
+            raise EvalError(f"{flag} {size} needs about {24 * size ** 2 / 2**30:.1f} GiB for the input image alone, "
+                            f"more than half of the {available / 2**30:.1f} GiB available: use {flag} "
+                            f"{math.isqrt(available // 2 // 24)} or less")
     background = len(protocol.background_concepts)
     concepts, channels = (1 + background, 2) if protocol.task == "binary" else (background + num_classes, num_classes)
     need = eval_memory_bytes(protocol.eval_size, concepts, channels)
@@ -677,11 +688,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-layer", action="store_true", help="also score each layer alone (per-layer curve)")
     parser.add_argument("--sweep-t", type=_floats, default=(), help="also score these t values, e.g. 0.25,0.5,0.75")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--device", default=None, help="default: cuda if available (torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda if available, under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="float32 on every device, so numbers compare across machines")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--quiet", "--no-progress", dest="no_progress", action="store_true",
+                        help="no progress bars and no library logging")
     group = parser.add_argument_group("protocol overrides (default: the preset's values; 'none' clears a value)")
     group.add_argument("--background-concepts", type=_words, default=None, help="comma list ('' = none)")
     group.add_argument("--class-first", action=argparse.BooleanOptionalAction, default=None)
@@ -727,6 +741,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def run_eval(args: argparse.Namespace) -> int:
     """`concept-attention eval`: returns the exit code; bad input exits with one readable line."""
+    from flux_mini.cli import resolve_device
+
     try:
         protocol = protocol_from_args(args)
         methods = tuple(args.methods or default_methods(protocol.name))
@@ -742,17 +758,21 @@ def run_eval(args: argparse.Namespace) -> int:
             config = replace(config, sources=sources)
         dataset = load_dataset(args.dataset, args.data)
 
+        device = None if args.device == "auto" else str(resolve_device(args.device))
+
         def pipeline(folder: Path) -> Callable[[str], MapProvider]:
             def build(device: str) -> MapProvider:
                 from concept_attention.pipeline import ConceptAttentionPipeline
+                from flux_mini.pipeline import quiet_transformers
 
-                return ConceptAttentionPipeline.from_folder(folder, device=device, dtype=DTYPES[args.dtype])
+                with quiet_transformers(logging=args.no_progress):
+                    return ConceptAttentionPipeline.from_folder(folder, device=device, dtype=DTYPES[args.dtype])
             return build
 
         start = time.perf_counter()
         summary = evaluate(dataset, pipeline(args.weights), config, args.out, limit=args.limit,
                            progress=not args.no_progress, plots=not args.no_plots, overwrite=args.overwrite,
-                           device=args.device, baseline=pipeline(args.baseline_weights) if baseline else None)
+                           device=device, baseline=pipeline(args.baseline_weights) if baseline else None)
     except ValueError as error:          # EvalError, ProtocolError, DatasetError and the pipeline's input checks
         raise SystemExit(f"error: {error}") from None
     except OSError as error:

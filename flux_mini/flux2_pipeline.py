@@ -1,0 +1,396 @@
+"""Text-to-image with FLUX.2 ([dev], [klein] 4B / 9B, distilled and Base): find the files, encode the prompt
+with the chat LLM, denoise, decode (flux2-format.md §6, §7, §9).
+
+A model folder is the official Hugging Face repo, BFL file and/or diffusers folders:
+
+    flux2-dev.safetensors | flux-2-klein-4b.safetensors | flux-2-klein-base-9b.safetensors | ...
+                          the transformer, BFL keys (else transformer/, the diffusers layout)
+    ae.safetensors        the FLUX.2 autoencoder (else vae/); klein repos may hold only vae/
+    text_encoder/         Mistral3ForConditionalGeneration ([dev]) or Qwen3ForCausalLM ([klein]), save_pretrained
+    tokenizer/            its tokenizer with the chat template (else the tokenizer files in text_encoder/)
+    model_index.json      optional: diffusers' `is_distilled` tells klein from klein Base
+    sampling.json         optional overrides of the variant's defaults, e.g. {"max_length": 32, "num_steps": 8}
+
+Variants: "dev" (guidance embedded, 50 steps, guidance 4), "klein" (step-distilled: 4 steps, no guidance),
+"klein-base" (50 steps, real CFG 4 with the empty prompt as negative). Distilled and Base checkpoints have
+the same keys: the variant comes from `variant=`, else sampling.json, else model_index.json, else the file
+name ("base" in it), else klein.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
+from flux_mini.flux2 import Flux2
+from flux_mini.loading import load_flux
+from flux_mini.memory import RunSize, check_fits, estimate_bytes
+from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, prompt_list
+from flux_mini.sampling import (
+    check_seed,
+    denoise_flux2,
+    flux2_image_ids,
+    flux2_latent_size,
+    flux2_pack,
+    flux2_text_ids,
+    flux2_unpack,
+    get_flux2_noise,
+    get_flux2_schedule,
+)
+from flux_mini.text_encoders import MissingFilesError, MistralEmbedder, Qwen3Embedder, StackedLayersEmbedder
+
+
+@dataclass(frozen=True)
+class Flux2SamplingDefaults:
+    """What a FLUX.2 checkpoint was made for (spec §7.6). `guidance` is the embedded guidance of [dev] or the
+    CFG scale of Base checkpoints; step-distilled klein uses neither."""
+
+    num_steps: int
+    guidance: float
+    cfg: bool  # real classifier-free guidance with the empty prompt (Base checkpoints)
+    max_length: int = 512  # text tokens, padding included
+    width: int = 1024
+    height: int = 1024
+
+
+FLUX2_VARIANTS = {
+    "dev": Flux2SamplingDefaults(num_steps=50, guidance=4.0, cfg=False),
+    "klein": Flux2SamplingDefaults(num_steps=4, guidance=1.0, cfg=False),
+    "klein-base": Flux2SamplingDefaults(num_steps=50, guidance=4.0, cfg=True),
+}
+SAMPLING_KEYS = {"variant", *(f.name for f in fields(Flux2SamplingDefaults))}
+TRANSFORMER_FILES = ("flux2-*.safetensors", "flux-2-*.safetensors")
+
+
+@dataclass(frozen=True)
+class Flux2Files:
+    """Where each component of a FLUX.2 model folder lives."""
+
+    transformer: Path  # a BFL .safetensors file or a diffusers transformer/ folder
+    autoencoder: Path  # ae.safetensors or a diffusers vae/ folder
+    text_encoder: Path
+    tokenizer: Path
+    sampling: Path | None
+    model_index: Path | None
+
+    @classmethod
+    def find(cls, folder: str | Path) -> Flux2Files:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MissingFilesError(f"model folder {folder} does not exist")
+        if not (folder / "text_encoder").is_dir():
+            raise MissingFilesError(
+                f"no text encoder in {folder}: expected text_encoder/ (+ tokenizer/) holding Qwen3 ([klein]) or "
+                "Mistral-Small-3.2 ([dev]), as in the black-forest-labs/FLUX.2-* repos"
+            )
+        tokenizer = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder / "text_encoder"
+        return cls(
+            transformer=_find_transformer(folder),
+            autoencoder=_find_autoencoder(folder),
+            text_encoder=folder / "text_encoder",
+            tokenizer=tokenizer,
+            sampling=_optional(folder / "sampling.json"),
+            model_index=_optional(folder / "model_index.json"),
+        )
+
+
+def _find_transformer(folder: Path) -> Path:
+    files = sorted({f for pattern in TRANSFORMER_FILES for f in folder.glob(pattern)})
+    if len(files) > 1:
+        raise ValueError(f"{folder} holds several transformer files ({', '.join(f.name for f in files)}); keep one")
+    if files:
+        return files[0]
+    if (folder / "transformer").is_dir():
+        return folder / "transformer"
+    raise MissingFilesError(
+        f"no FLUX.2 transformer in {folder}: expected one flux2-*.safetensors / flux-2-*.safetensors file "
+        "(e.g. flux-2-klein-4b.safetensors) or a diffusers transformer/ folder"
+    )
+
+
+def _find_autoencoder(folder: Path) -> Path:
+    for name in ("ae.safetensors", "vae"):
+        if (folder / name).exists():
+            return folder / name
+    raise MissingFilesError(
+        f"no autoencoder in {folder}: expected the FLUX.2 ae.safetensors (from black-forest-labs/FLUX.2-dev) "
+        "or a diffusers vae/ folder"
+    )
+
+
+def is_flux2_folder(folder: str | Path) -> bool:
+    """Whether a model folder holds a FLUX.2 transformer: by the official file names, else by the class
+    name in a diffusers transformer/config.json."""
+    folder = Path(folder)
+    if any(next(folder.glob(pattern), None) for pattern in TRANSFORMER_FILES):
+        return True
+    config = folder / "transformer" / "config.json"
+    return config.is_file() and _read_json(config).get("_class_name") == "Flux2Transformer2DModel"
+
+
+def _variant(model: Flux2, files: Flux2Files, overrides: dict, requested: str | None) -> str:
+    """`variant=`, else sampling.json's, else what the files say; a choice must fit the transformer."""
+    guided = model.config.use_guidance_embed
+    chosen = requested if requested is not None else overrides.get("variant")
+    if chosen is not None:
+        if chosen not in FLUX2_VARIANTS:
+            raise ValueError(f"unknown FLUX.2 variant {chosen!r}; choose one of {sorted(FLUX2_VARIANTS)}")
+        if (chosen == "dev") != guided:
+            has = "has a" if guided else "has no"
+            raise ValueError(f"variant {chosen!r} does not fit the transformer, which {has} guidance embedder")
+        return chosen
+    if guided:
+        return "dev"
+    if files.model_index is not None and "is_distilled" in (index := _read_json(files.model_index)):
+        return "klein" if index["is_distilled"] else "klein-base"
+    return "klein-base" if re.search(r"\bbase\b", files.transformer.stem.replace("-", " ")) else "klein"
+
+
+def _sampling_overrides(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    values = _read_json(path)
+    if not isinstance(values, dict) or set(values) - SAMPLING_KEYS:
+        raise ValueError(f"{path}: expected a JSON object with keys among {sorted(SAMPLING_KEYS)}, got {values!r}")
+    return values
+
+
+def load_text_encoder(
+    files: Flux2Files, max_length: int, dtype: torch.dtype, device: torch.device | str
+) -> StackedLayersEmbedder:
+    """Qwen3 or Mistral3, as text_encoder/config.json says."""
+    config = files.text_encoder / "config.json"
+    if not config.is_file():
+        raise MissingFilesError(f"text encoder: {config} is missing; put the encoder's config.json there")
+    model_type = _read_json(config).get("model_type")
+    encoders = {"qwen3": Qwen3Embedder, "mistral3": MistralEmbedder}
+    if model_type not in encoders:
+        raise ValueError(
+            f"{config}: model_type {model_type!r} is not a FLUX.2 text encoder; expected 'qwen3' ([klein]) or "
+            "'mistral3' ([dev])"
+        )
+    return encoders[model_type](files.text_encoder, max_length, dtype, device, files.tokenizer)
+
+
+class Flux2Pipeline:
+    """FLUX.2 text-to-image; every stage is a method, as in FluxPipeline, so other pipelines can reuse them."""
+
+    def __init__(
+        self,
+        model: Flux2,
+        autoencoder: Flux2AutoEncoder,
+        text_encoder: StackedLayersEmbedder,
+        defaults: Flux2SamplingDefaults,
+        variant: str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        offload: bool = False,
+    ):
+        self.model, self.autoencoder, self.text_encoder = model, autoencoder, text_encoder
+        self.defaults = defaults
+        self.variant = variant
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.offload = offload and self.device.type != "cpu"
+        widths = {
+            "in_channels (the AE's 4 x 32 patchified latent channels)": (
+                model.config.in_channels,
+                autoencoder.latent_channels,
+            ),
+            "context_in_dim (3 x the text encoder width)": (model.config.context_in_dim, text_encoder.output_dim),
+        }
+        for name, (wanted, given) in widths.items():
+            if wanted != given:
+                raise ValueError(
+                    f"the components do not belong together: the transformer's {name} is {wanted}, but the "
+                    f"component gives {given} (klein 4B needs Qwen3-4B, klein 9B Qwen3-8B, [dev] Mistral-Small)"
+                )
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        offload: bool = False,
+        variant: str | None = None,
+    ) -> Flux2Pipeline:
+        """Load every component of a FLUX.2 folder (module docstring). The autoencoder stays in float32;
+        the transformer and the text encoder use `dtype`. offload=True keeps idle stages on the CPU."""
+        files = Flux2Files.find(path)
+        load_device = "cpu" if offload else device
+        model = load_flux(files.transformer, dtype=dtype, device=load_device)
+        if not isinstance(model, Flux2):
+            raise ValueError(f"{files.transformer} is a Flux.1 transformer: use FluxPipeline for this folder")
+        autoencoder = load_flux2_autoencoder(files.autoencoder, dtype=torch.float32, device=load_device)
+        overrides = _sampling_overrides(files.sampling)
+        variant = _variant(model, files, overrides, variant)
+        values = {k: v for k, v in overrides.items() if k != "variant"}
+        defaults = replace(FLUX2_VARIANTS[variant], **values)
+        text_encoder = load_text_encoder(files, defaults.max_length, dtype, load_device)
+        return cls(model, autoencoder, text_encoder, defaults, variant, device, dtype, offload)
+
+    # ------------------------------------------------------------------------------------------
+    # Stages (on_device and to_pil are exactly Flux.1's)
+
+    on_device = FluxPipeline.on_device
+    to_pil = staticmethod(FluxPipeline.to_pil)
+
+    def check_size(self, height: int, width: int) -> None:
+        self.autoencoder.check_size(height, width)
+
+    def memory_estimate(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> dict[str, int]:
+        """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token
+        per 16x16 pixels (the AE patchifies), the padded text length, the AE's widest full-resolution layer."""
+        config, autoencoder = self.model.config, self.autoencoder
+        h, w = flux2_latent_size(height, width, autoencoder.downsample_factor)
+        llm = self.text_encoder.model.config
+        size = RunSize(
+            batch=batch,
+            image_tokens=h * w,
+            text_tokens=self.text_encoder.max_length,
+            hidden=config.hidden_size,
+            heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            token_channels=config.in_channels,
+            dtype_bytes=self.dtype.itemsize,
+            concepts=concepts,
+            pixels=height * width,
+            autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
+            t5_heads=getattr(llm, "text_config", llm).num_attention_heads,  # the LLM's (B, heads, T, T) scores
+        )
+        return estimate_bytes(size)
+
+    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
+        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
+        check_fits(
+            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            self.autoencoder.downsample_factor, self.device, available,
+            f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
+        )
+
+    def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> txt (B, T, context_in_dim) and txt_ids (B, T, 4), in the pipeline dtype on the device."""
+        prompts = prompt_list(prompts)
+        with self.on_device(self.text_encoder):
+            txt = self.text_encoder(prompts).to(self.device, self.dtype)
+        return txt, flux2_text_ids(len(prompts), txt.shape[1], self.device)
+
+    def prepare_latents(
+        self, num_samples: int, height: int, width: int, seed: int | torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Seeded noise tokens img (B, L, 128) in the pipeline dtype and img_ids (B, L, 4), on the device.
+        An integer seed gives sample i the noise of seed + i; a torch.Generator draws on its own device."""
+        self.check_size(height, width)
+        noise = get_flux2_noise(
+            num_samples,
+            height,
+            width,
+            channels=self.autoencoder.latent_channels,
+            downsample_factor=self.autoencoder.downsample_factor,
+            dtype=self.dtype,
+            seed=seed,
+            device=self.device,
+        )
+        h, w = noise.shape[-2:]
+        return flux2_pack(noise), flux2_image_ids(num_samples, h, w, device=self.device)
+
+    def timesteps(self, num_steps: int, image_seq_len: int) -> list[float]:
+        return get_flux2_schedule(num_steps, image_seq_len)
+
+    def settings(
+        self, width: int | None, height: int | None, num_steps: int | None, guidance: float | None
+    ) -> tuple[int, int, int, float | None]:
+        """Fill unset settings from the folder's defaults and check them: (width, height, num_steps, guidance);
+        guidance is the embedded guidance of [dev], the CFG scale of Base, None for step-distilled klein."""
+        width = self.defaults.width if width is None else width
+        height = self.defaults.height if height is None else height
+        self.check_size(height, width)
+        num_steps = self.defaults.num_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1 (None for the default {self.defaults.num_steps}), "
+                             f"got {num_steps!r}")
+        if not (self.model.config.use_guidance_embed or self.defaults.cfg):
+            return width, height, num_steps, None
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        return width, height, num_steps, guidance
+
+    def denoise(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: list[float],
+        guidance: float | None = None,
+        negative_txt: Tensor | None = None,
+        progress: bool = True,
+        interventions=None,
+        grad: bool = False,
+    ) -> Tensor:
+        """The Euler loop: `guidance` is embedded for [dev], the CFG scale with `negative_txt` for Base, and
+        unused by step-distilled klein (see `settings`). `interventions` (`flux_mini.interp.Interventions`)
+        caches or patches named sites per step (with CFG: see `denoise_flux2`); autograd only with `grad`."""
+        guidance = self.defaults.guidance if guidance is None else guidance
+        embedded = guidance if self.model.config.use_guidance_embed else None
+        if self.defaults.cfg and negative_txt is None:
+            raise ValueError(f"the {self.variant} variant uses classifier-free guidance: pass negative_txt")
+        cfg = (negative_txt, guidance) if self.defaults.cfg else (None, None)
+        with self.on_device(self.model):
+            return denoise_flux2(
+                self.model, img, img_ids, txt, txt_ids, timesteps, embedded, *cfg, progress, interventions, grad
+            )
+
+    def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
+        """Final tokens (B, L, 128) -> images (B, 3, height, width) in float32, clamped to [-1, 1]."""
+        self.check_size(height, width)
+        h, w = flux2_latent_size(height, width, self.autoencoder.downsample_factor)
+        latent = flux2_unpack(tokens.float(), h, w)
+        with self.on_device(self.autoencoder):
+            images = self.autoencoder.decode(latent.to(self.device))
+        return images.float().clamp(-1, 1)
+
+    # ------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        width: int | None = None,
+        height: int | None = None,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | torch.Generator = 0,
+        progress: bool = True,
+        interventions=None,
+    ) -> Image.Image | list[Image.Image]:
+        """Generate one image per prompt (a PIL image for a string, a list for a list; prompt i uses seed + i,
+        so a list gives the images of a loop). Sizes must be multiples of 16; steps, guidance and size
+        default to the variant's (and sampling.json's). A run the device cannot hold is refused before
+        anything is allocated. `interventions` (`flux_mini.interp.Interventions`) caches or patches named
+        sites at every (or chosen) denoising steps, as in FluxPipeline: `interventions.cache[step][name]`
+        (with CFG, patches reach both passes and the cache holds the prompt's pass: see `denoise_flux2`).
+        Runs without autograd."""
+        prompts = prompt_list(prompt)
+        width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
+        check_seed(seed, len(prompts))
+        self.check_memory(height, width, len(prompts))
+        with torch.no_grad():
+            txt, txt_ids = self.encode_prompt(prompts)
+            negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
+            img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
+            timesteps = self.timesteps(num_steps, img.shape[1])
+            tokens = self.denoise(
+                img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress, interventions
+            )
+            tokens = check_finite(tokens, "latents")
+            images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "decoded images"))
+        return images[0] if isinstance(prompt, str) else images

@@ -1,0 +1,270 @@
+"""Text-to-image (and editing with reference images) with FLUX.3 Image Klein, distilled or Base: find the files,
+encode the prompt with Qwen3-VL, encode the references with the FLUX.2 autoencoder, denoise, decode
+(flux3-format.md §4-§6).
+
+A model folder is the official Hugging Face repo, BFL files and/or diffusers folders:
+
+    flux3-*.safetensors | flux-3-*.safetensors   the transformer, BFL keys (else transformer/, diffusers layout)
+    ae.safetensors | flux2-vae.safetensors        the FLUX.2 autoencoder, which FLUX.3 shares (else vae/)
+    text_encoder/         Qwen3VLForConditionalGeneration (Qwen3-VL-4B-Instruct), save_pretrained layout
+    tokenizer/            its tokenizer and chat template (else processor/, else the files in text_encoder/)
+    sampling.json         optional overrides, e.g. {"num_steps": 8, "guidance": 3.5, "max_length": 512}
+
+The variant comes from the transformer itself: a flow map (`ref_time_in`) is the distilled model (16 steps, no
+guidance), otherwise Base (50 steps, classifier-free guidance 4 with the empty prompt, BFL's README value;
+diffusers uses 3.5). References: each is downscaled to at most 1024 x 1024 pixels (aspect kept) and
+center-cropped to multiples of 16; reference i sits at l = -(1 + i). BFL's recipe pads a single reference onto
+a larger canvas and crops the output back; that step is not reproduced here (the output size is yours).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from flux_mini import flux3_sampling as s3
+from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
+from flux_mini.flux3 import Flux3
+from flux_mini.loading import load_flux
+from flux_mini.pipeline import FluxPipeline, _optional, _read_json
+from flux_mini.text_encoders import MissingFilesError, Qwen3VLEmbedder
+
+TRANSFORMER_FILES = ("flux3-*.safetensors", "flux-3-*.safetensors")
+AUTOENCODER_FILES = ("ae.safetensors", "flux2-vae.safetensors", "vae")
+REFERENCE_PIXELS = 1024 * 1024  # a reference is downscaled to at most this many pixels
+
+
+@dataclass(frozen=True)
+class Flux3SamplingDefaults:
+    num_steps: int
+    guidance: float  # the CFG scale of Base; 1 (none) for the distilled flow map
+    max_length: int = 8192  # the text window cap
+    width: int = 1024
+    height: int = 1024
+
+
+FLUX3_VARIANTS = {
+    "flux3-klein": Flux3SamplingDefaults(num_steps=s3.FLUX3_STEPS["flux3-klein"], guidance=1.0),
+    "flux3-klein-base": Flux3SamplingDefaults(num_steps=s3.FLUX3_STEPS["flux3-klein-base"], guidance=s3.FLUX3_CFG),
+}
+SAMPLING_KEYS = {f.name for f in fields(Flux3SamplingDefaults)}
+
+
+@dataclass(frozen=True)
+class Flux3Files:
+    """Where each component of a FLUX.3 model folder lives."""
+
+    transformer: Path
+    autoencoder: Path
+    text_encoder: Path
+    tokenizer: Path
+    sampling: Path | None
+
+    @classmethod
+    def find(cls, folder: str | Path) -> Flux3Files:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MissingFilesError(f"model folder {folder} does not exist")
+        if not (folder / "text_encoder").is_dir():
+            raise MissingFilesError(
+                f"no text encoder in {folder}: expected text_encoder/ holding Qwen3-VL-4B-Instruct "
+                "(Qwen3VLForConditionalGeneration), as in the black-forest-labs/flux-3-image-klein repo"
+            )
+        tokenizer = next(
+            (folder / name for name in ("tokenizer", "processor") if (folder / name).is_dir()), folder / "text_encoder"
+        )
+        autoencoder = next((folder / name for name in AUTOENCODER_FILES if (folder / name).exists()), None)
+        if autoencoder is None:
+            raise MissingFilesError(
+                f"no autoencoder in {folder}: FLUX.3 uses the FLUX.2 autoencoder; put its ae.safetensors (from "
+                "black-forest-labs/FLUX.2-dev, or flux2-vae.safetensors) or a diffusers vae/ folder there"
+            )
+        return cls(_find_transformer(folder), autoencoder, folder / "text_encoder", tokenizer,
+                   _optional(folder / "sampling.json"))  # fmt: skip
+
+
+def _find_transformer(folder: Path) -> Path:
+    files = sorted({f for pattern in TRANSFORMER_FILES for f in folder.glob(pattern)})
+    if len(files) > 1:
+        raise ValueError(f"{folder} holds several transformer files ({', '.join(f.name for f in files)}); keep one")
+    if files:
+        return files[0]
+    if (folder / "transformer").is_dir():
+        return folder / "transformer"
+    raise MissingFilesError(
+        f"no FLUX.3 transformer in {folder}: expected one flux3-*.safetensors / flux-3-*.safetensors file or a "
+        "diffusers transformer/ folder"
+    )
+
+
+def is_flux3_folder(folder: str | Path) -> bool:
+    """Whether a model folder holds a FLUX.3 transformer: by file name, else by diffusers' class name."""
+    folder = Path(folder)
+    if any(next(folder.glob(pattern), None) for pattern in TRANSFORMER_FILES):
+        return True
+    config = folder / "transformer" / "config.json"
+    return config.is_file() and _read_json(config).get("_class_name") == "Flux3Transformer2DModel"
+
+
+def _defaults(variant: str, path: Path | None) -> Flux3SamplingDefaults:
+    overrides = {} if path is None else _read_json(path)
+    if not isinstance(overrides, dict) or set(overrides) - SAMPLING_KEYS:
+        raise ValueError(f"{path}: expected a JSON object with keys among {sorted(SAMPLING_KEYS)}, got {overrides!r}")
+    return replace(FLUX3_VARIANTS[variant], **overrides)
+
+
+class Flux3Pipeline:
+    """FLUX.3 generation; every stage is a method, as in FluxPipeline, so other pipelines can reuse them."""
+
+    def __init__(
+        self,
+        model: Flux3,
+        autoencoder: Flux2AutoEncoder,
+        text_encoder: Qwen3VLEmbedder,
+        defaults: Flux3SamplingDefaults | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        offload: bool = False,
+    ):
+        self.model, self.autoencoder, self.text_encoder = model, autoencoder, text_encoder
+        self.variant = "flux3-klein" if model.config.flow_map else "flux3-klein-base"
+        self.defaults = defaults or FLUX3_VARIANTS[self.variant]
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.offload = offload and self.device.type != "cpu"
+        widths = {
+            "in_channels (the AE's 4 x 32 patchified latent channels)": (
+                model.config.in_channels, autoencoder.latent_channels),
+            "context_in_dim (8 x the Qwen3-VL width)": (model.config.context_in_dim, text_encoder.output_dim),
+        }  # fmt: skip
+        for name, (wanted, given) in widths.items():
+            if wanted != given:
+                raise ValueError(
+                    f"the components do not belong together: the transformer's {name} is {wanted}, but the "
+                    f"component gives {given} (FLUX.3 Klein needs the FLUX.2 AE and Qwen3-VL-4B-Instruct)"
+                )
+
+    @classmethod
+    def from_folder(
+        cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        offload: bool = False, variant: str | None = None,
+    ) -> Flux3Pipeline:  # fmt: skip
+        """Load every component of a FLUX.3 folder (module docstring). The autoencoder stays in float32; the
+        transformer and the text encoder use `dtype`. offload=True keeps idle stages on the CPU. `variant` is
+        read from the transformer; when given it must match (a check, not a switch)."""
+        files = Flux3Files.find(path)
+        load_device = "cpu" if offload else device
+        model = load_flux(files.transformer, dtype=dtype, device=load_device)
+        if not isinstance(model, Flux3):
+            raise ValueError(f"{files.transformer} is a {type(model).__name__} transformer, not FLUX.3")
+        autoencoder = load_flux2_autoencoder(files.autoencoder, dtype=torch.float32, device=load_device)
+        found = "flux3-klein" if model.config.flow_map else "flux3-klein-base"
+        if variant is not None and variant != found:
+            raise ValueError(f"variant {variant!r} does not fit {files.transformer}, which is {found}")
+        defaults = _defaults(found, files.sampling)
+        text_encoder = Qwen3VLEmbedder(files.text_encoder, defaults.max_length, dtype, load_device, files.tokenizer)
+        return cls(model, autoencoder, text_encoder, defaults, device, dtype, offload)
+
+    # ------------------------------------------------------------------------------------------
+    # Stages
+
+    on_device = FluxPipeline.on_device
+    to_pil = staticmethod(FluxPipeline.to_pil)
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
+        """One prompt -> txt (1, T, context_in_dim) and txt_ids (1, T, 4); T is its own window (a multiple of 80)."""
+        with self.on_device(self.text_encoder):
+            txt = self.text_encoder(prompt).to(self.device, self.dtype)
+        return txt, s3.text_ids(1, txt.shape[1]).to(self.device)
+
+    @torch.inference_mode()
+    def encode_references(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
+        """Reference images -> cond tokens (1, R, 128) and cond_ids (1, R, 4), reference i at l = -(1 + i)."""
+        tokens, ids = [], []
+        for index, image in enumerate(images):
+            pixels = reference_pixels(image).to(self.device)
+            with self.on_device(self.autoencoder):
+                latent = self.autoencoder.encode(pixels)  # (1, 128, h, w), normalised
+            tokens.append(s3.pack(latent).to(self.dtype))
+            ids.append(s3.image_ids(1, *latent.shape[-2:], reference=index).to(self.device))
+        return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+    def check_size(self, height: int, width: int) -> tuple[int, int]:
+        """-> the token grid (h, w): sides must be multiples of the autoencoder's factor (16)."""
+        return s3.check_size(height, width, self.autoencoder.downsample_factor)
+
+    def prepare_latents(self, height: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Seeded noise tokens img (1, L, 128) in the pipeline dtype and img_ids (1, L, 4)."""
+        h, w = self.check_size(height, width)
+        noise = s3.get_noise(1, height, width, seed=seed, dtype=self.dtype, channels=self.autoencoder.latent_channels,
+                             patch=self.autoencoder.downsample_factor)  # fmt: skip
+        return s3.pack(noise).to(self.device), s3.image_ids(1, h, w).to(self.device)
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
+        """Final tokens (1, L, 128) -> images (1, 3, height, width) in float32, clamped to [-1, 1]."""
+        latent = s3.unpack(tokens.float(), *self.check_size(height, width))
+        with self.on_device(self.autoencoder):
+            images = self.autoencoder.decode(latent.to(self.device))
+        return images.float().clamp(-1, 1)
+
+    # ------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str,
+        width: int | None = None,
+        height: int | None = None,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        references: list[Image.Image] | None = None,
+        negative_prompt: str = "",
+        progress: bool = True,
+    ) -> Image.Image:
+        """One image for one prompt (each prompt has its own text window). `guidance` is Base's CFG scale (1 turns
+        CFG off); the distilled model takes none. Up to 10 `references` make it an edit."""
+        width = self.defaults.width if width is None else width
+        height = self.defaults.height if height is None else height
+        num_steps = self.defaults.num_steps if num_steps is None else num_steps
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if self.model.config.flow_map and guidance != 1.0:
+            raise ValueError("the distilled FLUX.3 Klein takes no guidance (it is a flow map); use the Base model")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        if references is not None and not 1 <= len(references) <= 10:
+            raise ValueError(f"FLUX.3 takes 1 to 10 reference images, got {len(references)}")
+        self.check_size(height, width)
+        txt, txt_ids = self.encode_prompt(prompt)
+        negative_txt, negative_ids = self.encode_prompt(negative_prompt) if guidance != 1.0 else (None, None)
+        cond, cond_ids = self.encode_references(references) if references else (None, None)
+        img, img_ids = self.prepare_latents(height, width, seed)
+        with self.on_device(self.model):
+            tokens = s3.denoise(
+                self.model, img, img_ids, txt, txt_ids, s3.get_schedule(num_steps), cond, cond_ids,
+                negative_txt, negative_ids, guidance, progress,
+            )  # fmt: skip
+        return self.to_pil(self.decode_tokens(tokens, height, width))[0]
+
+
+def reference_pixels(image: Image.Image) -> Tensor:
+    """A PIL image -> (1, 3, H, W) in [-1, 1]: downscaled to at most 1024 x 1024 pixels (aspect kept), then
+    center-cropped to multiples of 16."""
+    image = image.convert("RGB")
+    scale = min(1.0, math.sqrt(REFERENCE_PIXELS / (image.width * image.height)))
+    if scale < 1.0:
+        image = image.resize((max(16, round(image.width * scale)), max(16, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)  # fmt: skip
+    width, height = image.width // 16 * 16, image.height // 16 * 16
+    if not width or not height:
+        raise ValueError(f"a reference image must be at least 16 x 16 pixels, got {image.width} x {image.height}")
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return (pixels.permute(2, 0, 1)[None].float() / 127.5 - 1.0)

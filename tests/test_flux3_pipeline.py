@@ -1,0 +1,112 @@
+"""Flux3Pipeline end to end on tiny random FLUX.3 folders: the denoising loop against diffusers' transformer and
+scheduler, references, Base CFG, the CLI, and missing files."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux_mini import flux3_sampling as s3
+from flux_mini.flux3_pipeline import Flux3Pipeline, reference_pixels
+from flux_mini.text_encoders import MissingFilesError
+from flux_mini.tiny import build_tiny_flux3_weights
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    return build_tiny_flux3_weights(tmp_path_factory.mktemp("flux3") / "klein")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_tiny_flux3_weights(tmp_path_factory.mktemp("flux3") / "klein-base", base=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(distilled):
+    return Flux3Pipeline.from_folder(distilled)
+
+
+@torch.no_grad()
+def test_denoising_matches_diffusers_transformer_and_scheduler(pipe):
+    """Our flow-map loop (schedule, targets, Euler) against Flux3Transformer2DModel stepped by diffusers'
+    FlowMatchEulerDiscreteScheduler with the FLUX.3 shift, as diffusers' FLUX.3 denoise loop does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from test_flux3_parity import reference_model
+
+    txt, txt_ids = pipe.encode_prompt("a red cat on the grass")
+    img, img_ids = pipe.prepare_latents(32, 48, seed=5)
+    ours = s3.denoise(pipe.model, img, img_ids, txt, txt_ids, s3.get_schedule(4), progress=False)
+
+    reference = reference_model(pipe.model)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=s3.FLUX3_SHIFT)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4))
+    latents, timesteps = img.clone(), scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        next_t = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)
+        pred = reference(
+            hidden_states=latents, encoder_hidden_states=txt, timestep=(t / 1000).expand(1), img_ids=img_ids[0],
+            txt_ids=txt_ids[0], target_timestep=(next_t / 1000).expand(1),
+        ).sample  # fmt: skip
+        latents = scheduler.step(pred, t, latents).prev_sample
+    assert torch.allclose(ours, latents, rtol=1e-5, atol=1e-5 * latents.abs().max().item())
+
+
+def test_generation_is_seeded_and_references_condition_it(pipe):
+    plain = np.asarray(pipe("a red cat", seed=1, progress=False))
+    assert plain.shape == (64, 64, 3)
+    assert np.array_equal(plain, np.asarray(pipe("a red cat", seed=1, progress=False)))
+    red, blue = Image.new("RGB", (80, 48), (220, 20, 20)), Image.new("RGB", (40, 40), (20, 20, 220))
+    with_red = np.asarray(pipe("a red cat", seed=1, references=[red], progress=False))
+    with_both = np.asarray(pipe("a red cat", seed=1, references=[red, blue], progress=False))
+    assert not np.array_equal(plain, with_red) and not np.array_equal(with_red, with_both)
+    cond, cond_ids = pipe.encode_references([red, blue])
+    # 80x48 stays 80x48, 40x40 is cropped to 32x32; the tiny AE has factor 4 -> 20x12 + 8x8 tokens
+    assert cond.shape == (1, 20 * 12 + 8 * 8, pipe.autoencoder.latent_channels)
+    assert cond_ids[0, :240, 3].eq(-1).all() and cond_ids[0, 240:, 3].eq(-2).all()
+
+
+def test_reference_pixels_are_downscaled_and_cropped_to_16():
+    assert reference_pixels(Image.new("RGB", (100, 50))).shape == (1, 3, 48, 96)
+    big = reference_pixels(Image.new("RGB", (2000, 1000), (255, 0, 0)))
+    assert big.shape[2] * big.shape[3] <= 1024 * 1024 and big.shape[2] % 16 == big.shape[3] % 16 == 0
+    assert big[0, 0].eq(1.0).all() and big[0, 1].eq(-1.0).all()
+    with pytest.raises(ValueError, match="at least 16"):
+        reference_pixels(Image.new("RGB", (10, 40)))
+
+
+def test_base_uses_cfg_and_the_distilled_model_refuses_it(base, pipe):
+    base_pipe = Flux3Pipeline.from_folder(base)
+    assert base_pipe.variant == "flux3-klein-base" and base_pipe.defaults.guidance == 4.0
+    guided = np.asarray(base_pipe("a red cat", seed=2, progress=False))
+    unguided = np.asarray(base_pipe("a red cat", seed=2, guidance=1.0, progress=False))
+    assert not np.array_equal(guided, unguided)
+    with pytest.raises(ValueError, match="takes no guidance"):
+        pipe("a red cat", guidance=3.5, progress=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        Flux3Pipeline.from_folder(base, variant="flux3-klein")
+
+
+def test_cli_generates_with_references(distilled, tmp_path):
+    from flux_mini.cli import main
+
+    reference = tmp_path / "ref.png"
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(reference)
+    out = tmp_path / "out.png"
+    args = ["generate", "--weights", str(distilled), "--prompt", "a green field", "--out", str(out), "--quiet"]
+    assert main([*args, "--reference", str(reference), "--reference", str(reference)]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_missing_components_are_named(distilled, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(distilled, partial)
+    (partial / "ae.safetensors").unlink()
+    with pytest.raises(MissingFilesError, match="FLUX.3 uses the FLUX.2 autoencoder"):
+        Flux3Pipeline.from_folder(partial)
+    shutil.rmtree(partial / "text_encoder")
+    with pytest.raises(MissingFilesError, match="Qwen3-VL"):
+        Flux3Pipeline.from_folder(partial)
