@@ -5,8 +5,9 @@
 
 For each model, side by side in one run, one table:
   speed     flux_mini vs diffusers forward (bf16); torch.compile vs eager (first call and steady state)
-  concepts  forward + maps of every double block vs the plain forward; maps stopping after the double
-            blocks vs the plain double blocks (encode / segmentation mode)
+  concepts  forward + maps of the default map layers (Flux.1: double blocks; FLUX.2: all; FLUX.3: joint)
+            vs the plain forward; maps stopping after the last map layer vs the plain blocks up to it
+            (encode / segmentation mode)
   modes     bf16 resident, fp8 storage, block offload (bf16 and fp8): peak device memory, weights held on
             the device, forward time, output error against fp32, and how often the argmax of the concept
             maps differs from bf16's
@@ -27,10 +28,19 @@ import torch
 from torch import nn
 
 from concept_attention.maps import compute_concept_maps
-from flux_mini.convert import bfl_to_diffusers, diffusers_config, flux2_bfl_to_diffusers, flux2_diffusers_config
+from flux_mini.convert import (
+    bfl_to_diffusers,
+    diffusers_config,
+    flux2_bfl_to_diffusers,
+    flux2_diffusers_config,
+    flux3_bfl_to_diffusers,
+    flux3_diffusers_config,
+)
 from flux_mini.flux1 import PRESETS, Flux, FluxConfig
 from flux_mini.flux2 import PRESETS as FLUX2_PRESETS
 from flux_mini.flux2 import Flux2, Flux2Config
+from flux_mini.flux3 import PRESETS as FLUX3_PRESETS
+from flux_mini.flux3 import Flux3, Flux3Config
 from flux_mini.lowmem import offload_blocks, store_float8
 
 
@@ -39,14 +49,14 @@ class Case:
     """One model at one size: its config, image grid (tokens per side), text tokens and concepts."""
 
     name: str
-    config: FluxConfig | Flux2Config
+    config: FluxConfig | Flux2Config | Flux3Config
     grid: int
     text: int
     concepts: int = 10
 
     @property
     def model_class(self) -> type[nn.Module]:
-        return Flux2 if isinstance(self.config, Flux2Config) else Flux
+        return {FluxConfig: Flux, Flux2Config: Flux2, Flux3Config: Flux3}[type(self.config)]
 
 
 def cases(tiny: bool) -> list[Case]:
@@ -60,11 +70,20 @@ def cases(tiny: bool) -> list[Case]:
             in_channels=16, context_in_dim=48, hidden_size=64, num_heads=4, depth=3, depth_single_blocks=3,
             axes_dim=(4, 4, 4, 4), use_guidance_embed=False,
         )
-        return [Case("flux1-tiny", flux1, grid=8, text=8, concepts=3), Case("flux2-tiny", flux2, grid=8, text=8, concepts=3)]
+        flux3 = Flux3Config(
+            in_channels=16, cond_in_channels=16, out_channels=16, context_in_dim=48, hidden_size=64, num_heads=4,
+            depth=2, depth_single_blocks=3, axes_dim=(4, 4, 4, 4),
+        )
+        return [
+            Case("flux1-tiny", flux1, grid=8, text=8, concepts=3),
+            Case("flux2-tiny", flux2, grid=8, text=8, concepts=3),
+            Case("flux3-tiny", flux3, grid=8, text=8, concepts=3),
+        ]
     return [
         Case("flux1-schnell", PRESETS["flux-schnell"], grid=64, text=256),
         Case("flux2-klein-4b", FLUX2_PRESETS["flux2-klein-4b"], grid=64, text=512),
         Case("flux2-klein-9b", FLUX2_PRESETS["flux2-klein-9b"], grid=64, text=512),
+        Case("flux3-klein", FLUX3_PRESETS["flux3-klein"], grid=64, text=480),  # text padded to a multiple of 80
     ]
 
 
@@ -83,14 +102,16 @@ def init_random_(model: nn.Module, seed: int) -> nn.Module:
 
 
 def inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Flux.1: 3-axis ids, text at 0, a pooled y. FLUX.2: 4-axis ids, text positions on the last axis."""
+    """Flux.1: 3-axis ids, text at 0, a pooled y. FLUX.2 and FLUX.3: 4-axis ids, text positions on the last
+    axis (FLUX.3: image positions scaled by its image_rope_scale, and a target time for the flow map)."""
     c, n = case.config, case.grid
     generator = torch.Generator().manual_seed(seed)
-    flux2 = isinstance(c, Flux2Config)
+    flux1 = isinstance(c, FluxConfig)
     ids = torch.zeros(n, n, len(c.axes_dim))
     ids[..., 1], ids[..., 2] = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    ids = ids * getattr(c, "image_rope_scale", 1.0)
     txt_ids = torch.zeros(1, case.text, len(c.axes_dim))
-    if flux2:
+    if not flux1:
         txt_ids[..., 3] = torch.arange(case.text)
     x = dict(
         img=torch.randn(1, n * n, c.in_channels, generator=generator),
@@ -99,9 +120,11 @@ def inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) 
         txt_ids=txt_ids,
         timesteps=torch.tensor([0.5]),
     )
-    if flux2 and c.use_guidance_embed:
+    if isinstance(c, Flux2Config) and c.use_guidance_embed:
         x["guidance"] = torch.tensor([4.0])
-    if not flux2:
+    if isinstance(c, Flux3Config) and c.flow_map:
+        x["target_timesteps"] = torch.tensor([0.25])
+    if flux1:
         x["y"] = torch.randn(1, c.vec_in_dim, generator=generator)
     x = {k: v.to(device, dtype if k not in ("img_ids", "txt_ids") else torch.float32) for k, v in x.items()}
     concept_txt = torch.randn(1, case.concepts, c.context_in_dim, generator=generator).to(device, dtype)
@@ -153,11 +176,11 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
     bf16 = torch.bfloat16
     x = inputs(case, device, bf16)
     plain = {k: v for k, v in x.items() if k != "concept_txt"}
-    depth = case.config.depth
-    double_layers = list(range(depth))  # the paper's layers; FLUX.2's default (every layer) is timed below
+    map_layers = list(case.config.concept_layers)  # the default: Flux.1 double blocks, FLUX.2 all, FLUX.3 joint
+    last = map_layers[-1]
 
     def maps(model: nn.Module) -> torch.Tensor:
-        return compute_concept_maps(model, **plain, concept_txt=x["concept_txt"], layers=double_layers)
+        return compute_concept_maps(model, **plain, concept_txt=x["concept_txt"], layers=map_layers)
 
     # fp32 reference, then the bf16 master copy kept on the CPU
     with torch.device(device):
@@ -215,26 +238,24 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
                 hidden_states=plain["img"], encoder_hidden_states=plain["txt"], timestep=plain["timesteps"],
                 img_ids=plain["img_ids"][0], txt_ids=plain["txt_ids"][0], return_dict=False,
             )
-            if "y" in plain:
-                dx["pooled_projections"] = plain["y"]
-            if "guidance" in plain:
-                dx["guidance"] = plain["guidance"]
+            renamed = {"y": "pooled_projections", "guidance": "guidance", "target_timesteps": "target_timestep"}
+            dx |= {theirs: plain[ours] for ours, theirs in renamed.items() if ours in plain}
             speed["diffusers"] = lambda: twin(**dx)[0]
         timings = {f"{k} forward ms": v * 1e3 for k, v in median_seconds(speed, device, reps).items()}
         speed.clear()  # releases the twin
         empty_cache(device)
 
-        def plain_double():
+        def plain_until_last_map_layer():
             for layer in resident.layers(**plain):
-                if layer.index == depth - 1:
+                if layer.index == last:
                     return layer.img
 
         concept_times = median_seconds(  # seconds
             {
                 "forward": lambda: resident(**plain),
                 "forward + maps (generation)": lambda: (resident(**plain), maps(resident)),
-                "double blocks": plain_double,
-                "maps, stop after double": lambda: maps(resident),
+                "blocks up to the last map layer": plain_until_last_map_layer,
+                "maps, stopping there": lambda: maps(resident),
             },
             device,
             reps,
@@ -243,7 +264,8 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
     result.rows["speed"] = timings | {"flux_mini / diffusers": ratio}
     result.rows["concepts"] = {f"{k} ms": v * 1e3 for k, v in concept_times.items()} | {
         "forward + maps / forward": concept_times["forward + maps (generation)"] / concept_times["forward"],
-        "stop-after maps / double blocks": concept_times["maps, stop after double"] / concept_times["double blocks"],
+        "stop-after maps / the same blocks": concept_times["maps, stopping there"]
+        / concept_times["blocks up to the last map layer"],
     }
     if compile_model:
         compiled = torch.compile(resident)
@@ -260,13 +282,15 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
 def diffusers_twin(model: nn.Module, device: torch.device):
     """diffusers' transformer of the same generation on the same weights, or None where diffusers is missing."""
     try:
-        from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+        from diffusers import Flux2Transformer2DModel, Flux3Transformer2DModel, FluxTransformer2DModel
     except ImportError:
         return None
-    if isinstance(model, Flux2):
-        cls, config, state = Flux2Transformer2DModel, flux2_diffusers_config(model.config), flux2_bfl_to_diffusers
-    else:
-        cls, config, state = FluxTransformer2DModel, diffusers_config(model.config), bfl_to_diffusers
+    cls, config, state = {
+        Flux: (FluxTransformer2DModel, diffusers_config, bfl_to_diffusers),
+        Flux2: (Flux2Transformer2DModel, flux2_diffusers_config, flux2_bfl_to_diffusers),
+        Flux3: (Flux3Transformer2DModel, flux3_diffusers_config, flux3_bfl_to_diffusers),
+    }[type(model)]
+    config = config(model.config)
     with torch.device("meta"):
         twin = cls(**config)
     twin.load_state_dict(state(model.state_dict()), strict=True, assign=True)

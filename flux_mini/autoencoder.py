@@ -8,6 +8,7 @@ so `state_dict()` *is* the checkpoint layout; `load_autoencoder` also reads the 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -423,11 +424,21 @@ def _diffusers_factors(path: Path) -> dict[str, float]:
     if not path.is_dir() or not config_file.is_file():
         return {}
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{config_file} is not valid JSON; fix or remove it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object; fix or remove it")
     names = {"scaling_factor": "scale_factor", "shift_factor": "shift_factor"}
-    return {ours: float(config[theirs]) for theirs, ours in names.items() if config.get(theirs) is not None}
+    factors = {ours: config[theirs] for theirs, ours in names.items() if config.get(theirs) is not None}
+    bad = {name: value for name, value in factors.items() if not _is_finite_number(value)}
+    if bad:
+        raise CheckpointError(f"{config_file}: {bad} must be finite numbers; fix the file or pass config=")
+    return {name: float(value) for name, value in factors.items()}
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_autoencoder(

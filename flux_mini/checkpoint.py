@@ -311,7 +311,11 @@ def load_strict(
 def refuse_non_finite(tensors: Mapping[str, Tensor], source: str) -> None:
     """CheckpointError naming the first tensor with a NaN or Inf value (one read of every float tensor)."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            continue
+        if tensor.element_size() == 1:  # float8: no isfinite kernel; bf16 holds every float8 value
+            tensor = tensor.to(torch.bfloat16)
+        if not torch.isfinite(tensor).all():
             nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
             raise CheckpointError(
                 f"{source}: tensor {name!r} has {nan} NaN and {inf} infinite value(s) of {tensor.numel()}; "

@@ -211,3 +211,33 @@ def test_non_finite_autoencoder_weight_is_named_on_request(tmp_path):
     load_autoencoder(path)
     with pytest.raises(CheckpointError, match="'decoder.conv_in.weight' has 1 NaN"):
         load_autoencoder(path, check_finite=True)
+
+
+@pytest.mark.parametrize("config, words", [("[1, 2]", "not a JSON object"), ('{"scaling_factor": "big"}', "finite"),
+                                           ('{"scaling_factor": NaN}', "finite"), ("{oops", "not valid JSON")])
+def test_bad_diffusers_vae_config_is_named(tmp_path, config, words):
+    from flux_mini.autoencoder import bfl_to_diffusers
+
+    state = randomize_(AutoEncoder(tiny_autoencoder_config()), seed=0).state_dict()
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    diffusers_state = {k: v.contiguous() for k, v in bfl_to_diffusers(state).items()}
+    save_file(diffusers_state, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text('{"scaling_factor": 0.5}')
+    assert load_autoencoder(folder).config.scale_factor == 0.5  # the control
+    (folder / "config.json").write_text(config)
+    with pytest.raises(CheckpointError) as info:
+        load_autoencoder(folder)
+    assert str(folder / "config.json") in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_non_finite_float8_weight_is_named(tmp_path, dtype):
+    """fp8 files stay fp8 in the model (dtype=None), where torch has no isfinite kernel."""
+    state = {k: v.to(torch.float8_e4m3fn) for k, v in randomize_(Flux(CONFIG), seed=1).state_dict().items()}
+    state["double_blocks.0.img_attn.qkv.weight"].view(torch.uint8).view(-1)[3] = 0x7F  # e4m3fn NaN
+    path = tmp_path / "f8.safetensors"
+    save_file(state, path)
+    load_flux(path, config=CONFIG, dtype=dtype)
+    with pytest.raises(CheckpointError, match="'double_blocks.0.img_attn.qkv.weight' has 1 NaN"):
+        load_flux(path, config=CONFIG, dtype=dtype, check_finite=True)

@@ -16,7 +16,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys, monkeypatch):
     gpu_check.main(["--tiny", "--device", "cpu", "--no-compile", "--reps", "1", "--json", str(tmp_path / "out.json")])
 
     cases = json.loads((tmp_path / "out.json").read_text())
-    assert [case["case"] for case in cases] == ["flux1-tiny", "flux2-tiny"]
+    assert [case["case"] for case in cases] == ["flux1-tiny", "flux2-tiny", "flux3-tiny"]
     for case in cases:
         check(case)
     printed = capsys.readouterr().out

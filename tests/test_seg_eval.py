@@ -395,13 +395,19 @@ def test_demo_model_run_equals_an_independent_recomputation(tmp_path):
     truth = np.array([words.index(n) for n in sample.class_names])[sample.mask]
     concepts = [words[label] for label in np.unique(truth)]   # the classes present, in label order
     pipe = ConceptAttentionPipeline.from_folder(demo)
-    out = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=preset.t,
-                            num_samples=preset.num_samples, seed=preset.seed)
-    maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="nearest")[0]
-    predicted = np.array([words.index(c) for c in concepts])[maps.argmax(0).numpy()]
-    expected = np.zeros((len(words), len(words)), np.int64)
-    np.add.at(expected, (truth.ravel(), predicted.ravel()), 1)
+
+    def confusion(num_samples: int) -> np.ndarray:
+        out = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=preset.t, num_samples=num_samples,
+                                seed=preset.seed)  # default layers: the last four double blocks
+        maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="nearest")[0]
+        predicted = np.array([words.index(c) for c in concepts])[maps.argmax(0).numpy()]
+        matrix = np.zeros((len(words), len(words)), np.int64)
+        np.add.at(matrix, (truth.ravel(), predicted.ravel()), 1)
+        return matrix
+
+    expected = confusion(preset.num_samples)
     assert np.count_nonzero(expected.sum(0)) >= 2                 # more than one label predicted
+    assert preset.num_samples > 1 and not np.array_equal(expected, confusion(1))  # the sample count matters
     record = load_records(tmp_path)[sample.image_id]
     assert np.array_equal(np.asarray(record["scores"]["concept_attention"]["confusion"]), expected)
 
