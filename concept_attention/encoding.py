@@ -1,5 +1,5 @@
-"""Concept words -> concept embeddings in the text-feature space (Flux.1: T5; FLUX.2: the chat LLM), one concept
-at a time."""
+"""Concept words -> concept embeddings in the text-feature space (Flux.1: T5; FLUX.2: the chat LLM; FLUX.3: the
+Qwen3-VL tower), one concept at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from flux_mini.text_encoders import StackedLayersEmbedder, T5Embedder
+from flux_mini.text_encoders import Qwen3VLEmbedder, StackedLayersEmbedder, T5Embedder
 
 ENCODINGS = ("first_token", "mean")
 
@@ -130,3 +130,27 @@ def encode_concepts_flux2(embedder: StackedLayersEmbedder, concepts: Sequence[st
         return features[torch.arange(len(concepts)), own.int().argmax(dim=1)]
     weights = own.to(features.dtype)
     return torch.einsum("rtc,rt->rc", features, weights) / weights.sum(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.3: concepts through the Qwen3-VL tower, each as its own prompt (in the template, its own window)
+
+
+@torch.no_grad()
+def encode_concepts_flux3(embedder: Qwen3VLEmbedder, concepts: Sequence[str], encoding: str = "first_token"):
+    """Each concept as a prompt through the FLUX.3 text tower -> (r, context_in_dim) features, as FLUX.2 does
+    with its LLM: `first_token` (default) the features at the first token of the concept's own text, `mean` the
+    mean over its own tokens. Each concept has its own window (FLUX.3 pads per prompt), so one runs at a time."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"FLUX.3 concept encoding must be one of {ENCODINGS}, got {encoding!r}")
+    rows = []
+    for concept in check_concepts(concepts):
+        features = embedder(concept)[0]  # (T, C)
+        own = embedder.prompt_tokens(concept)[0].to(features.device)  # (T,)
+        if not own.any():
+            raise ValueError(
+                f"the concept {concept!r} has no tokens left after the chat template at max_length "
+                f"{embedder.max_length}: raise max_length (sampling.json) or shorten it"
+            )
+        rows.append(features[own][0] if encoding == "first_token" else features[own].mean(dim=0))
+    return torch.stack(rows)

@@ -17,29 +17,15 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-from concept_attention.encoding import (
-    authors_concept_position,
-    check_concept_tokens,
-    check_concepts,
-    encode_concepts,
-    encode_concepts_flux2,
-)
+from concept_attention.encoding import check_concepts
 from concept_attention.images import to_rgb
 from concept_attention.maps import SPACES, MapAccumulator, check_layers, gaussian_blur3x3, run_concept_layers
 from concept_attention.pictures import heatmaps
-from flux_mini.flux2 import concept_position_ids
 from flux_mini.flux2_pipeline import Flux2Pipeline, is_flux2_folder
+from flux_mini.flux3_pipeline import Flux3Pipeline, is_flux3_folder
 from flux_mini.layers import NO_SITES
 from flux_mini.pipeline import FluxPipeline, check_finite, prompt_list
-from flux_mini.sampling import (
-    check_seed,
-    euler_step,
-    flux2_latent_size,
-    flux2_pack,
-    latent_size,
-    pack,
-    timestep_vector,
-)
+from flux_mini.sampling import check_seed
 
 CONCEPT_POOLED = ("zero", "clip")
 CONCEPT_POSITIONS = ("zero", "authors")  # FLUX.2 concept RoPE ids: (0, 0, 0, 0), or the authors' (0, 0, 0, 510)
@@ -58,7 +44,7 @@ def no_grad_unless_asked(method):
 
 @dataclass
 class ConceptAttentionOutput:
-    """Maps are (r, h, w) on the token grid (h = height / 16 for Flux.1 and FLUX.2); heatmaps are PIL pictures at
+    """Maps are (r, h, w) on the token grid (h = height / 16 for every generation); heatmaps are PIL pictures at
     the image size, one per concept, on a shared colour range."""
 
     image: Image.Image
@@ -74,22 +60,29 @@ class ConceptAttentionOutput:
 
 
 class ConceptAttentionPipeline:
-    """A FluxPipeline or Flux2Pipeline that also returns concept maps. Build it with `from_folder` (the
-    generation is read from the folder) or around an existing pipeline.
+    """A FluxPipeline, Flux2Pipeline or Flux3Pipeline that also returns concept maps. Build it with `from_folder`
+    (the generation is read from the folder) or around an existing pipeline. What differs between generations
+    (text and concept inputs, per-step time inputs, CFG, packing, the token grid, default layers) is asked of the
+    generation's own pipeline, through the same few methods (`prompt_inputs`, `concept_inputs`, `step_inputs`,
+    `euler_step`, `pack_latent`, `token_grid`, `concept_map_layers`), so this class reads the same for all.
 
     FLUX.2 differs in what it has: no pooled vector (`pooled`, `concept_pooled` stay "zero"), concept
     encodings "first_token" / "mean" / "authors" through the chat LLM, concept RoPE ids "zero" or "authors"
     (`concept_positions`), real CFG for Base checkpoints (maps from the conditional pass), and by default
     maps from every layer: FLUX.2 has few double blocks (5 of 25 in klein 4B) and deeper layers segment
-    better, so the single blocks count too."""
+    better, so the single blocks count too. FLUX.3 is like FLUX.2 (no pooled vector, CFG for Base, every joint
+    block by default); its distilled flow map also gets each step's target time; concept encodings
+    "first_token" / "mean" through the Qwen3-VL tower."""
 
-    def __init__(self, flux: FluxPipeline | Flux2Pipeline):
+    def __init__(self, flux: FluxPipeline | Flux2Pipeline | Flux3Pipeline):
         self.flux = flux
-        self.is_flux2 = isinstance(flux, Flux2Pipeline)
 
     @classmethod
     def from_folder(cls, path: str | Path, **kwargs) -> ConceptAttentionPipeline:
-        pipeline = Flux2Pipeline if is_flux2_folder(path) else FluxPipeline
+        if is_flux3_folder(path):
+            pipeline = Flux3Pipeline
+        else:
+            pipeline = Flux2Pipeline if is_flux2_folder(path) else FluxPipeline
         return cls(pipeline.from_folder(path, **kwargs))
 
     # -- the two entry points -------------------------------------------------------------------
@@ -149,35 +142,34 @@ class ConceptAttentionPipeline:
         steps = self._steps(timesteps, num_inference_steps)
         accumulator = self._accumulator(spaces, softmax, normalize, per_layer, return_vectors, vector_layers, layers)
         self._check_memory(height, width, len(concepts))
-        txt, txt_ids, y = self._encode_prompt(prompt)
-        concept_txt, concept_y, concept_ids = self._concept_inputs(
+        text = flux.prompt_inputs(prompt)
+        concept_txt, concept_extra = self._concept_inputs(
             concepts, concept_encoding, concept_pooled, softmax, concept_positions
         )
         img, ids = flux.prepare_latents(1, height, width, seed)  # (1, L, channels), (1, L, 3 or 4 axes)
         schedule = flux.timesteps(num_inference_steps, img.shape[1])
-        guidance_vec, cfg_scale = self._guidance(guidance, img)
-        negative = self._encode_prompt("")[0] if cfg_scale is not None else None  # FLUX.2 Base: real CFG
+        cfg_scale = flux.step_inputs(schedule[0], schedule[1], guidance, img)[1]  # real CFG: FLUX.2 / FLUX.3 Base
+        negative = flux.prompt_inputs("") if cfg_scale is not None else None  # the empty prompt's inputs
         with flux.on_device(model):
-            for step, (t_curr, t_prev) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
-                t_vec = timestep_vector(t_curr, img)
+            for step, (t_curr, t_next) in enumerate(self._progress(list(zip(schedule[:-1], schedule[1:])), progress)):
+                times, cfg_scale = flux.step_inputs(t_curr, t_next, guidance, img)
                 accumulator.keep_vectors = return_vectors and (vector_steps is None or step in vector_steps)
                 sites = NO_SITES if interventions is None else interventions.sites(step)
-                if negative is not None:  # first, so that the cache keeps the prompt's call (as denoise_flux2)
-                    pred_negative = self._velocity(img, ids, negative, txt_ids, t_vec, y, guidance_vec, sites)
+                if cfg_scale is not None:  # first, so that the cache keeps the prompt's call (as denoise_flux2)
+                    pred_negative = model(img=img, img_ids=ids, **negative, **times, sites=sites)
                 if step in steps:  # the same call gives the velocity and this step's maps
-                    pred = run_concept_layers(
-                        model, img, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
-                        guidance=guidance_vec, concept_y=concept_y, attention=attention, need_output=True, step=step,
-                        concept_ids=concept_ids, sites=sites,
+                    pred = self._concept_pass(
+                        img, ids, {**text, **times}, concept_txt, concept_extra, accumulator, layers,
+                        attention=attention, need_output=True, step=step, sites=sites,
                     )
                 else:
-                    pred = self._velocity(img, ids, txt, txt_ids, t_vec, y, guidance_vec, sites)
-                if negative is not None:
+                    pred = model(img=img, img_ids=ids, **text, **times, sites=sites)
+                if cfg_scale is not None:
                     pred = pred_negative + cfg_scale * (pred - pred_negative)
-                img = euler_step(img, pred, t_curr, t_prev)
+                img = flux.euler_step(img, pred, t_curr, t_next)
         check_finite(img, "latents")
         image = flux.to_pil(check_finite(flux.decode_tokens(img, height, width), "decoded images"))[0]
-        return self._output(image, concepts, accumulator, self._token_grid(height, width), blur, interventions)
+        return self._output(image, concepts, accumulator, flux.token_grid(height, width), blur, interventions)
 
     @no_grad_unless_asked
     def encode_image(
@@ -214,7 +206,8 @@ class ConceptAttentionPipeline:
         stopping after the last requested layer; the maps are averaged over the samples.
 
         `t` defaults to the model's own schedule at index `noise_timestep` (unshifted for schnell:
-        index 2 of 4 steps is t = 0.5). The pooled vector of the image/text streams is zero by default
+        index 2 of 4 steps is t = 0.5). The FLUX.3 flow map is asked for the jump from t to the clean image
+        (target time 0). The pooled vector of the image/text streams is zero by default
         (`pooled="zero"`, the authors' protocol) or CLIP(prompt) (`pooled="clip"`). The image is resized
         to `width` x `height` (multiples of 16), by default the model folder's size (1024x1024 for FLUX.1,
         as the authors' encode_image; the demo model's 32x32); pass image.width and image.height to keep
@@ -236,17 +229,12 @@ class ConceptAttentionPipeline:
         accumulator = self._accumulator(spaces, softmax, normalize, per_layer, return_vectors, vector_layers, layers)
         accumulator.keep_vectors = return_vectors
         self._check_memory(height, width, len(concepts))
-        if self.is_flux2 and pooled != "zero":
-            raise ValueError(f"pooled={pooled!r}: FLUX.2 has no pooled text vector; leave pooled='zero'")
         picture, pixels = self._image_tensor(image, width, height)
-        pack_tokens = flux2_pack if self.is_flux2 else pack
+        text = flux.prompt_inputs(prompt, pooled)
         with flux.on_device(flux.autoencoder):
-            clean = pack_tokens(flux.autoencoder.encode(pixels.to(flux.device)).to(flux.dtype))  # (1, L, channels)
+            clean = flux.pack_latent(flux.autoencoder.encode(pixels.to(flux.device)).to(flux.dtype))  # (1, L, ch.)
         height, width = pixels.shape[-2:]
-        txt, txt_ids, y = self._encode_prompt(prompt)
-        if pooled == "zero" and y is not None:
-            y = torch.zeros_like(y)
-        concept_txt, concept_y, concept_ids = self._concept_inputs(
+        concept_txt, concept_extra = self._concept_inputs(
             concepts, concept_encoding, concept_pooled, softmax, concept_positions
         )
         if t is None:
@@ -259,45 +247,34 @@ class ConceptAttentionPipeline:
                 sample_seed = seed if isinstance(seed, torch.Generator) else seed + sample
                 noise, ids = flux.prepare_latents(1, height, width, sample_seed)
                 noisy = t * noise + (1.0 - t) * clean
-                t_vec = timestep_vector(t, noisy)
-                guidance_vec, _ = self._guidance(guidance, noisy)  # one conditional pass, no CFG
-                run_concept_layers(
-                    model, noisy, ids, txt, txt_ids, t_vec, y, concept_txt, accumulator, layers,
-                    guidance=guidance_vec, concept_y=concept_y, attention=attention, step=sample,
-                    concept_ids=concept_ids,
+                times, _ = flux.step_inputs(t, 0.0, guidance, noisy)  # one conditional pass, no CFG
+                self._concept_pass(
+                    noisy, ids, {**text, **times}, concept_txt, concept_extra, accumulator, layers,
+                    attention=attention, step=sample,
                     sites=NO_SITES if interventions is None else interventions.sites(sample),
                 )
-        return self._output(picture, concepts, accumulator, self._token_grid(height, width), blur, interventions)
+        return self._output(picture, concepts, accumulator, flux.token_grid(height, width), blur, interventions)
 
     # -- pieces ---------------------------------------------------------------------------------
 
     def _layers(self, layer_indices: Sequence[int] | None) -> list[int]:
-        if self.is_flux2 or layer_indices is not None:
-            return check_layers(self.flux.model, layer_indices)  # None on FLUX.2: config.concept_layers, all
-        depth = self.flux.model.config.depth
-        return check_layers(self.flux.model, range(max(0, depth - 4), depth))
+        """The layers to average: the given ones, else the generation's default (None = config.concept_layers)."""
+        chosen = self.flux.concept_map_layers() if layer_indices is None else layer_indices
+        return check_layers(self.flux.model, chosen)
 
     def _check_memory(self, height: int, width: int, num_concepts: int) -> None:
         self.flux.check_memory(height, width, 1, num_concepts)
 
-    def _encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(txt, txt_ids, y); FLUX.2 has no pooled vector y (None)."""
-        if self.is_flux2:
-            return (*self.flux.encode_prompt([prompt]), None)
-        return self.flux.encode_prompt([prompt])
-
-    def _guidance(self, guidance: float | None, like: Tensor) -> tuple[Tensor | None, float | None]:
-        """(the embedded guidance vector, the CFG scale) for a `settings`-checked guidance value."""
-        if self.is_flux2 and self.flux.defaults.cfg:
-            return None, guidance
-        return (None if guidance is None else timestep_vector(guidance, like)), None
-
-    def _velocity(self, img, img_ids, txt, txt_ids, t_vec, y, guidance_vec, sites=NO_SITES) -> Tensor:
-        """A plain model call (Flux.1 takes the pooled y, FLUX.2 has none)."""
-        pooled = {} if y is None else {"y": y}
-        return self.flux.model(
-            img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t_vec, guidance=guidance_vec, sites=sites,
-            **pooled,
+    def _concept_pass(
+        self, img, img_ids, inputs: dict, concept_txt, concept_extra: dict, accumulator, layers, **options
+    ) -> Tensor | None:
+        """One concept pass with the model inputs of `prompt_inputs` and `step_inputs` (all by name)."""
+        inputs = dict(inputs)
+        txt, txt_ids, timesteps = inputs.pop("txt"), inputs.pop("txt_ids"), inputs.pop("timesteps")
+        y = inputs.pop("y", None)  # run_concept_layers names Flux.1's pooled vector positionally
+        return run_concept_layers(
+            self.flux.model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, layers,
+            **inputs, **concept_extra, **options,
         )
 
     @staticmethod
@@ -321,36 +298,14 @@ class ConceptAttentionPipeline:
 
     def _concept_inputs(
         self, concepts: list[str], encoding: str, pooled: str, softmax: bool, positions: str = "zero"
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(1, r, context_in_dim) concept embeddings, the concept pooled input (Flux.1; None = zeros) and the
-        concept RoPE ids (FLUX.2; None = zeros)."""
+    ) -> tuple[Tensor, dict[str, Tensor | None]]:
+        """(1, r, context_in_dim) concept embeddings and the concept stream's other inputs by name (Flux.1:
+        concept_y; FLUX.2: concept_ids; FLUX.3: none), from the generation's own pipeline."""
         if pooled not in CONCEPT_POOLED:
             raise ValueError(f"concept_pooled must be one of {CONCEPT_POOLED}, got {pooled!r}")
         if positions not in CONCEPT_POSITIONS:
             raise ValueError(f"concept_positions must be one of {CONCEPT_POSITIONS}, got {positions!r}")
-        flux = self.flux
-        if self.is_flux2:
-            if pooled != "zero":
-                raise ValueError(f"concept_pooled={pooled!r}: FLUX.2 has no pooled vector; leave it 'zero'")
-            encoder = flux.text_encoder
-            check_concept_tokens(encoder, concepts, softmax)
-            with flux.on_device(encoder):
-                concept_txt = encode_concepts_flux2(encoder, concepts, encoding)[None].to(flux.device, flux.dtype)
-            position = authors_concept_position(encoder.max_length) if positions == "authors" else 0
-            return concept_txt, None, concept_position_ids(1, len(concepts), position, device=flux.device)
-        if positions != "zero":
-            raise ValueError("concept_positions='authors' is a FLUX.2 convention; Flux.1 concepts have no positions")
-        check_concept_tokens(flux.t5, concepts, softmax)
-        with flux.on_device(flux.t5, flux.clip):
-            concept_txt = encode_concepts(flux.t5, concepts, encoding)[None].to(flux.device, flux.dtype)
-            concept_y = flux.clip([" ".join(concepts)]).to(flux.device, flux.dtype) if pooled == "clip" else None
-        return concept_txt, concept_y, None
-
-    def _token_grid(self, height: int, width: int) -> tuple[int, int]:
-        if self.is_flux2:  # the FLUX.2 AE patchifies itself: its latent grid is the token grid
-            return flux2_latent_size(height, width, self.flux.autoencoder.downsample_factor)
-        h, w = latent_size(height, width, self.flux.autoencoder.downsample_factor)
-        return h // 2, w // 2
+        return self.flux.concept_inputs(concepts, encoding, pooled, softmax, positions)
 
     def _image_tensor(self, image: Image.Image | Tensor, width: int, height: int) -> tuple[Image.Image, Tensor]:
         """A PIL image or a (3, H, W) tensor in [-1, 1] -> (the picture, (1, 3, height, width) in [-1, 1])."""

@@ -29,13 +29,14 @@ from PIL import Image
 from torch import Tensor
 
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
-from flux_mini.flux2 import Flux2
+from flux_mini.flux2 import Flux2, concept_position_ids
 from flux_mini.loading import load_flux
 from flux_mini.memory import RunSize, check_fits, estimate_bytes
 from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, prompt_list
 from flux_mini.sampling import (
     check_seed,
     denoise_flux2,
+    euler_step,
     flux2_image_ids,
     flux2_latent_size,
     flux2_pack,
@@ -43,6 +44,7 @@ from flux_mini.sampling import (
     flux2_unpack,
     get_flux2_noise,
     get_flux2_schedule,
+    timestep_vector,
 )
 from flux_mini.text_encoders import MissingFilesError, MistralEmbedder, Qwen3Embedder, StackedLayersEmbedder
 
@@ -304,6 +306,57 @@ class Flux2Pipeline:
 
     def timesteps(self, num_steps: int, image_seq_len: int) -> list[float]:
         return get_flux2_schedule(num_steps, image_seq_len)
+
+    # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
+
+    def concept_map_layers(self) -> None:
+        """None: the model's default, every layer (FLUX.2 has few double blocks, and deeper layers segment better)."""
+        return None
+
+    def prompt_inputs(self, prompt: str, pooled: str | None = None) -> dict[str, Tensor]:
+        """One prompt -> the model's text inputs txt, txt_ids (FLUX.2 has no pooled vector)."""
+        if pooled not in (None, "zero"):
+            raise ValueError(f"pooled={pooled!r}: FLUX.2 has no pooled text vector; leave pooled='zero'")
+        txt, txt_ids = self.encode_prompt([prompt])
+        return {"txt": txt, "txt_ids": txt_ids}
+
+    def concept_inputs(
+        self, concepts: list[str], encoding: str, pooled: str, softmax: bool, positions: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Concept words -> (1, r, context_in_dim) features through the chat LLM and the concepts' RoPE ids:
+        (0, 0, 0, 0), or the authors' (0, 0, 0, max_length - 2) with positions="authors"."""
+        from concept_attention.encoding import authors_concept_position, check_concept_tokens, encode_concepts_flux2
+
+        if pooled != "zero":
+            raise ValueError(f"concept_pooled={pooled!r}: FLUX.2 has no pooled vector; leave it 'zero'")
+        if positions not in ("zero", "authors"):
+            raise ValueError(f"concept_positions must be one of ('zero', 'authors'), got {positions!r}")
+        encoder = self.text_encoder
+        check_concept_tokens(encoder, concepts, softmax)
+        with self.on_device(encoder):
+            concept_txt = encode_concepts_flux2(encoder, concepts, encoding)[None].to(self.device, self.dtype)
+        position = authors_concept_position(encoder.max_length) if positions == "authors" else 0
+        return concept_txt, {"concept_ids": concept_position_ids(1, len(concepts), position, device=self.device)}
+
+    def step_inputs(
+        self, t_curr: float, t_next: float, guidance: float | None, like: Tensor
+    ) -> tuple[dict[str, Tensor | None], float | None]:
+        """(the model's time inputs for a step from t_curr to t_next, the CFG scale): [dev] embeds guidance,
+        Base checkpoints use real CFG with it."""
+        if self.defaults.cfg:
+            return {"timesteps": timestep_vector(t_curr, like), "guidance": None}, guidance
+        return {"timesteps": timestep_vector(t_curr, like),
+                "guidance": None if guidance is None else timestep_vector(guidance, like)}, None  # fmt: skip
+
+    euler_step = staticmethod(euler_step)
+
+    def pack_latent(self, latent: Tensor) -> Tensor:
+        """An autoencoder latent (1, 128, h, w), already patchified by the AE -> tokens (1, h*w, 128)."""
+        return flux2_pack(latent)
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) grid of image tokens: the FLUX.2 AE patchifies itself, so its latent grid."""
+        return flux2_latent_size(height, width, self.autoencoder.downsample_factor)
 
     def settings(
         self, width: int | None, height: int | None, num_steps: int | None, guidance: float | None

@@ -199,12 +199,87 @@ class Flux3Pipeline:
         """-> the token grid (h, w): sides must be multiples of the autoencoder's factor (16)."""
         return s3.check_size(height, width, self.autoencoder.downsample_factor)
 
-    def prepare_latents(self, height: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
-        """Seeded noise tokens img (1, L, 128) in the pipeline dtype and img_ids (1, L, 4)."""
+    def prepare_latents(self, num_samples: int, height: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Seeded noise tokens img (B, L, 128) in the pipeline dtype and img_ids (B, L, 4) (the signature of the
+        other generations' pipelines; the noise is drawn on the CPU from an integer seed)."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"FLUX.3 noise is drawn from an integer seed, got {type(seed).__name__}")
         h, w = self.check_size(height, width)
-        noise = s3.get_noise(1, height, width, seed=seed, dtype=self.dtype, channels=self.autoencoder.latent_channels,
-                             patch=self.autoencoder.downsample_factor)  # fmt: skip
-        return s3.pack(noise).to(self.device), s3.image_ids(1, h, w).to(self.device)
+        noise = s3.get_noise(num_samples, height, width, seed=seed, dtype=self.dtype,
+                             channels=self.autoencoder.latent_channels, patch=self.autoencoder.downsample_factor)
+        return s3.pack(noise).to(self.device), s3.image_ids(num_samples, h, w).to(self.device)  # fmt: skip
+
+    def timesteps(self, num_steps: int, image_seq_len: int) -> list[float]:
+        """The constant-shift sigmas: FLUX.3 does not shift by resolution (`image_seq_len` is unused)."""
+        return s3.get_schedule(num_steps)
+
+    def settings(
+        self, width: int | None, height: int | None, num_steps: int | None, guidance: float | None
+    ) -> tuple[int, int, int, float]:
+        """Fill unset settings from the folder's defaults and check them: (width, height, num_steps, guidance);
+        guidance is Base's CFG scale (1 = none), always 1 for the distilled flow map."""
+        width = self.defaults.width if width is None else width
+        height = self.defaults.height if height is None else height
+        self.check_size(height, width)
+        num_steps = self.defaults.num_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1 (None for the default {self.defaults.num_steps}), "
+                             f"got {num_steps!r}")
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        if self.model.config.flow_map and guidance != 1.0:
+            raise ValueError("the distilled FLUX.3 Klein takes no guidance (it is a flow map); use the Base model")
+        return width, height, num_steps, guidance
+
+    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> None:
+        """No up-front estimate for FLUX.3 yet (its text window depends on the prompt): every size is tried."""
+
+    # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
+
+    def concept_map_layers(self) -> None:
+        """None: the model's default, every joint block (the concept stream rides them all)."""
+        return None
+
+    def prompt_inputs(self, prompt: str, pooled: str | None = None) -> dict[str, Tensor]:
+        """One prompt -> the model's text inputs txt, txt_ids in its own window (FLUX.3 has no pooled vector)."""
+        if pooled not in (None, "zero"):
+            raise ValueError(f"pooled={pooled!r}: FLUX.3 has no pooled text vector; leave pooled='zero'")
+        txt, txt_ids = self.encode_prompt(prompt)
+        return {"txt": txt, "txt_ids": txt_ids}
+
+    def concept_inputs(
+        self, concepts: list[str], encoding: str, pooled: str, softmax: bool, positions: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Concept words -> (1, r, context_in_dim) Qwen3-VL features, each concept's own tokens (first, or the
+        mean); the concepts need nothing else (their time vector is the text tokens', built by the model)."""
+        from concept_attention.encoding import check_concept_tokens, encode_concepts_flux3
+
+        if pooled != "zero":
+            raise ValueError(f"concept_pooled={pooled!r}: FLUX.3 has no pooled vector; leave it 'zero'")
+        if positions != "zero":
+            raise ValueError("concept_positions='authors' is a FLUX.2 convention; FLUX.3 concepts have no positions")
+        check_concept_tokens(self.text_encoder, concepts, softmax)
+        with self.on_device(self.text_encoder):
+            concept_txt = encode_concepts_flux3(self.text_encoder, concepts, encoding)
+        return concept_txt[None].to(self.device, self.dtype), {}
+
+    def step_inputs(
+        self, t_curr: float, t_next: float, guidance: float, like: Tensor
+    ) -> tuple[dict[str, Tensor], float | None]:
+        """(the model's time inputs for a step from t_curr to t_next, the CFG scale): the flow map also takes the
+        time it jumps to; Base uses CFG unless guidance is 1 (as `flux3_sampling.denoise`)."""
+        inputs = {"timesteps": s3.time_vector(t_curr, like)}
+        if self.model.config.flow_map:
+            inputs["target_timesteps"] = s3.time_vector(t_next, like)
+        return inputs, (None if guidance == 1.0 else guidance)
+
+    euler_step = staticmethod(s3.euler_step)
+    pack_latent = staticmethod(s3.pack)
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) grid of image tokens: one per 16x16 pixels (the FLUX.2 AE patchifies itself)."""
+        return self.check_size(height, width)
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
@@ -244,7 +319,7 @@ class Flux3Pipeline:
         txt, txt_ids = self.encode_prompt(prompt)
         negative_txt, negative_ids = self.encode_prompt(negative_prompt) if guidance != 1.0 else (None, None)
         cond, cond_ids = self.encode_references(references) if references else (None, None)
-        img, img_ids = self.prepare_latents(height, width, seed)
+        img, img_ids = self.prepare_latents(1, height, width, seed)
         with self.on_device(self.model):
             tokens = s3.denoise(
                 self.model, img, img_ids, txt, txt_ids, s3.get_schedule(num_steps), cond, cond_ids,

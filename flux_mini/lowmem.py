@@ -8,8 +8,8 @@ A bf16 FLUX.1 transformer is 24 GB; most users have 16-24 GB. Two tools, which c
   file (`flux1-schnell-fp8-e4m3fn`, ComfyUI's scaled fp8 with `.scale_weight`, BFL's FLUX.2 `-fp8` files
   with `.weight_scale` / `.input_scale`) this way; `store_float8(model)` quantises a loaded model's block
   Linears on request.
-- Block offload. `offload_blocks(model, device)` leaves every transformer block where it is (CPU RAM,
-  pinned) and moves the rest to `device`; iterating a block list then copies each block into one of two
+- Block offload. `offload_blocks(model, device)` leaves the double and single blocks where they are (CPU
+  RAM, pinned) and moves the rest to `device`; iterating a block list then copies each block into one of two
   device-resident slots just before it runs, the next one ahead on a side stream (CUDA). The model's own
   forward runs unchanged: the slot is a block like the others.
 
@@ -155,15 +155,21 @@ def dequantize_float8(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict
 
 
 FLOAT8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+# The block lists of every generation (FLUX.3 adds its per-mode blocks); they hold almost all the weights.
+BLOCK_LISTS = ("double_blocks", "single_blocks", "txt_mode_blocks", "content_mode_blocks")
+# The block lists a forward iterates in order, so that they can stream through device slots (FLUX.3's mode
+# blocks are indexed per mode and stay on the device).
+STREAMED_LISTS = ("double_blocks", "single_blocks")
 
 
 @torch.no_grad()
 def store_float8(
-    model: nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn, blocks: tuple[str, ...] = ("double_blocks", "single_blocks")
+    model: nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn, blocks: tuple[str, ...] = BLOCK_LISTS
 ) -> nn.Module:
     """Quantise the Linears inside the transformer blocks to float8 with one scale per tensor (amax / max),
-    in place; the embedders and the final layer (under 2% of the weights) keep their precision.
+    in place; the embedders, shared modulations and the final layer keep their precision.
 
+    `blocks`: the module names whose Linears are stored in fp8 (every generation's block lists by default).
     Compute stays in the weights' current floating dtype (bf16 for a bf16 model)."""
     if storage_dtype not in FLOAT8_MAX:
         raise ValueError(f"storage_dtype must be one of {list(FLOAT8_MAX)}, got {storage_dtype}")
@@ -231,11 +237,11 @@ class OffloadedBlocks(nn.ModuleList):
             yield self.slots[index % len(self.slots)]
 
 
-def offload_blocks(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """Keep every block list (`nn.ModuleList` child, e.g. double_blocks / single_blocks) off the device and
-    stream its blocks through two slots; move everything else to `device`. Returns the model."""
+def offload_blocks(model: nn.Module, device: torch.device | str, lists: tuple[str, ...] = STREAMED_LISTS) -> nn.Module:
+    """Keep the block lists named in `lists` off the device and stream their blocks through two slots each;
+    move everything else to `device`. Returns the model."""
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.ModuleList):
+        if name in lists and isinstance(child, nn.ModuleList):
             setattr(model, name, OffloadedBlocks(child, device))
         else:
             child.to(device)

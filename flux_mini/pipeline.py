@@ -34,12 +34,14 @@ from flux_mini.memory import RunSize, check_fits, estimate_bytes
 from flux_mini.sampling import (
     check_seed,
     denoise,
+    euler_step,
     get_noise,
     get_schedule,
     image_ids,
     latent_size,
     pack,
     text_ids,
+    timestep_vector,
     unpack,
 )
 from flux_mini.text_encoders import CLIPEmbedder, MissingFilesError, T5Embedder
@@ -391,6 +393,57 @@ class FluxPipeline:
 
     def timesteps(self, num_steps: int, image_seq_len: int) -> list[float]:
         return get_schedule(num_steps, image_seq_len, shift=self.defaults.shift)
+
+    # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
+
+    def concept_map_layers(self) -> list[int]:
+        """The layers whose maps are averaged by default: the last four double blocks (15-18 on Flux.1)."""
+        depth = self.model.config.depth
+        return list(range(max(0, depth - 4), depth))
+
+    def prompt_inputs(self, prompt: str, pooled: str | None = None) -> dict[str, Tensor]:
+        """One prompt -> the model's text inputs: txt, txt_ids and the pooled CLIP vector y, zeroed with
+        pooled="zero" (the authors' encode_image protocol); None keeps CLIP(prompt)."""
+        if pooled not in (None, "zero", "clip"):
+            raise ValueError(f"pooled must be one of ('zero', 'clip'), got {pooled!r}")
+        txt, txt_ids, y = self.encode_prompt([prompt])
+        return {"txt": txt, "txt_ids": txt_ids, "y": torch.zeros_like(y) if pooled == "zero" else y}
+
+    def concept_inputs(
+        self, concepts: list[str], encoding: str, pooled: str, softmax: bool, positions: str
+    ) -> tuple[Tensor, dict[str, Tensor | None]]:
+        """Concept words -> (1, r, d_T5) T5 embeddings and the concept stream's pooled input concept_y:
+        CLIP of the joined concepts (pooled="clip") or zeros (None)."""
+        from concept_attention.encoding import check_concept_tokens, encode_concepts
+
+        if pooled not in ("zero", "clip"):
+            raise ValueError(f"concept_pooled must be one of ('zero', 'clip'), got {pooled!r}")
+        if positions != "zero":
+            raise ValueError("concept_positions='authors' is a FLUX.2 convention; Flux.1 concepts have no positions")
+        check_concept_tokens(self.t5, concepts, softmax)
+        with self.on_device(self.t5, self.clip):
+            concept_txt = encode_concepts(self.t5, concepts, encoding)[None].to(self.device, self.dtype)
+            concept_y = self.clip([" ".join(concepts)]).to(self.device, self.dtype) if pooled == "clip" else None
+        return concept_txt, {"concept_y": concept_y}
+
+    def step_inputs(
+        self, t_curr: float, t_next: float, guidance: float | None, like: Tensor
+    ) -> tuple[dict[str, Tensor | None], float | None]:
+        """(the model's time inputs for a step from t_curr to t_next, the CFG scale): the embedded guidance of
+        the dev family; Flux.1 has no CFG."""
+        return {"timesteps": timestep_vector(t_curr, like),
+                "guidance": None if guidance is None else timestep_vector(guidance, like)}, None  # fmt: skip
+
+    euler_step = staticmethod(euler_step)
+
+    def pack_latent(self, latent: Tensor) -> Tensor:
+        """An autoencoder latent (1, z, h, w) -> tokens (1, h/2 * w/2, 4z)."""
+        return pack(latent)
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) grid of image tokens for an image size: one token per 2x2 latent patch."""
+        h, w = latent_size(height, width, self.autoencoder.downsample_factor)
+        return h // 2, w // 2
 
     def denoise(
         self,

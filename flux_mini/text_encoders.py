@@ -462,18 +462,37 @@ class Qwen3VLEmbedder(nn.Module):
 
     def tokenize(self, prompt: str) -> tuple[Tensor, Tensor]:
         """One prompt -> (input_ids, attention_mask), each (1, T) with T = its length rounded up to 80."""
+        batch = self._tokenize_text(self.render(prompt))
+        return batch["input_ids"], batch["attention_mask"]
+
+    def render(self, prompt: str) -> str:
+        """One prompt in the chat template (text, not yet tokenised)."""
         if not isinstance(prompt, str):
             raise ValueError(f"FLUX.3 encodes one prompt per call (each has its own window), got {type(prompt)}")
-        text = self.tokenizer.apply_chat_template(
+        return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], chat_template=self.chat_template, tokenize=False,
             add_generation_prompt=True,
         )  # fmt: skip
+
+    def _tokenize_text(self, text: str, offsets: bool = False):
         length = len(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
         window = min(-(-length // self.PAD_MULTIPLE) * self.PAD_MULTIPLE, self.max_length)
-        batch = self.tokenizer(
-            text, padding="max_length", padding_side="right", truncation=True, max_length=window, return_tensors="pt"
-        )
-        return batch["input_ids"], batch["attention_mask"]
+        return self.tokenizer(
+            text, padding="max_length", padding_side="right", truncation=True, max_length=window,
+            return_offsets_mapping=offsets, return_tensors="pt",
+        )  # fmt: skip
+
+    def prompt_tokens(self, prompt: str) -> Tensor:
+        """(1, T) bool over the prompt's window: the positions holding the prompt's own text (not the template
+        around it, not padding), found through the tokenizer's character offsets."""
+        prefix, _, suffix = self.render("\x00").partition("\x00")
+        text = self.render(prompt)
+        if not (text.startswith(prefix) and text.endswith(suffix)):
+            raise ValueError(f"the chat template does not place {prompt!r} verbatim; cannot locate its tokens")
+        batch = self._tokenize_text(text, offsets=True)
+        start, end = batch["offset_mapping"].unbind(-1)  # (1, T) character spans
+        inside = (end > start) & (end > len(prefix)) & (start < len(text) - len(suffix))
+        return inside & batch["attention_mask"].bool()
 
     @torch.no_grad()
     def forward(self, prompt: str) -> Tensor:

@@ -38,7 +38,7 @@ def test_denoising_matches_diffusers_transformer_and_scheduler(pipe):
     from test_flux3_parity import reference_model
 
     txt, txt_ids = pipe.encode_prompt("a red cat on the grass")
-    img, img_ids = pipe.prepare_latents(32, 48, seed=5)
+    img, img_ids = pipe.prepare_latents(1, 32, 48, seed=5)
     ours = s3.denoise(pipe.model, img, img_ids, txt, txt_ids, s3.get_schedule(4), progress=False)
 
     reference = reference_model(pipe.model)
