@@ -297,7 +297,8 @@ def attention_weights(
     Groups: "img", "txt", "all" ([txt ; img], the joint order) and "concepts" (the concept stream: pass
     `concepts=model.concept_stream(...)`; concept queries attend to [concepts ; image] keys, or one of the two
     for attention="self"/"cross"). `query_index` picks query tokens within their group. Layers are numbered
-    double blocks first, then single blocks (None: all). Rows are computed `chunk_size` queries at a time,
+    double blocks first, then single blocks (None: `config.map_layers`, the layers with one joint attention:
+    all on Flux.1 and FLUX.2, the joint blocks on FLUX.3, whose mode layers attend within each mode). Rows are computed `chunk_size` queries at a time,
     so the full (T + L)^2 matrix exists only if asked for (queries="all", keys="all"). Arguments are those of
     `model.layers`, which stops after the last requested layer."""
     for name, group in (("queries", queries), ("keys", keys)):
@@ -314,7 +315,7 @@ def attention_weights(
     elif keys == "concepts":
         raise ValueError("no image or text token attends to the concepts: keys='concepts' needs queries='concepts'")
     num_layers = model.config.num_layers
-    chosen = list(range(num_layers)) if layers is None else sorted(set(int(i) for i in layers))
+    chosen = list(model.config.map_layers) if layers is None else sorted(set(int(i) for i in layers))
     if not chosen or not all(0 <= i < num_layers for i in chosen):
         raise ValueError(f"layers must be a non-empty subset of 0..{num_layers - 1} (double blocks, then single "
                          f"blocks), got {list(layers) if layers is not None else None}")  # fmt: skip
@@ -349,7 +350,8 @@ class AttentionReader(NamedSites):
         if self.next_layer in self.wanted and site in ("q", "k", "concept_q", "concept_k"):
             if site in self.held:
                 raise ValueError(f"{self.held[site][0]} and {block} both attend within one layer: attention_weights "
-                                 "reads models with one joint attention per layer")  # fmt: skip
+                                 "reads layers with one joint attention (FLUX.3: its joint layers, "
+                                 "config.map_layers)")  # fmt: skip
             self.held[site] = block, value
         return value
 

@@ -535,3 +535,31 @@ def test_bad_requests_are_clear_errors(call, message):
     x = inputs(MODEL)
     with torch.no_grad(), pytest.raises(ValueError if message != "must be strings" else TypeError, match=message):
         call(x)
+
+
+def test_attention_weights_on_flux3_joint_layers():
+    """FLUX.3: weights of a joint layer equal softmax(q k^T / sqrt(d)) of its cached q and k (float64, naive);
+    its mode layers, where each mode attends within itself, are refused with the layers that work."""
+    from flux_mini.flux3 import Flux3
+    from flux_mini.tiny import tiny_flux3_config
+
+    model = randomize_(Flux3(tiny_flux3_config()), seed=1).eval()
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    rows, cols, text = 3, 4, 6
+    r, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    zeros = torch.zeros(rows * cols)
+    img_ids = torch.stack([zeros, 0.5 * r.flatten(), 0.5 * col.flatten(), zeros], dim=-1)[None]
+    txt_ids = torch.stack([torch.zeros(text)] * 3 + [torch.arange(text, dtype=torch.float32)], dim=-1)[None]
+    args = (torch.randn(1, rows * cols, c.in_channels, generator=g), img_ids,
+            torch.randn(1, text, c.context_in_dim, generator=g), txt_ids, torch.tensor([0.7]))
+    kwargs = {"target_timesteps": torch.tensor([0.3])} if c.flow_map else {}
+    joint = c.depth + 1
+    weights = attention_weights(model, *args, layers=[joint], queries="img", keys="txt", **kwargs)[joint]
+    _, cache = run_with_cache(model, *args, names=["single_blocks.1.q", "single_blocks.1.k"], **kwargs)
+    q, k = cache["single_blocks.1.q"].double(), cache["single_blocks.1.k"].double()
+    naive = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)[:, :, text:, :text]
+    torch.testing.assert_close(weights.double(), naive, rtol=0, atol=1e-6)
+    assert set(attention_weights(model, *args, queries="img", keys="all", **kwargs)) == set(c.map_layers)
+    with pytest.raises(ValueError, match="map_layers"):
+        attention_weights(model, *args, layers=[0], **kwargs)
