@@ -199,11 +199,11 @@ class Flux3Pipeline:
         """-> the token grid (h, w): sides must be multiples of the autoencoder's factor (16)."""
         return s3.check_size(height, width, self.autoencoder.downsample_factor)
 
-    def prepare_latents(self, num_samples: int, height: int, width: int, seed: int) -> tuple[Tensor, Tensor]:
+    def prepare_latents(
+        self, num_samples: int, height: int, width: int, seed: int | torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """Seeded noise tokens img (B, L, 128) in the pipeline dtype and img_ids (B, L, 4) (the signature of the
-        other generations' pipelines; the noise is drawn on the CPU from an integer seed)."""
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"FLUX.3 noise is drawn from an integer seed, got {type(seed).__name__}")
+        other generations' pipelines): drawn on the CPU from an integer seed, or on a torch.Generator's device."""
         h, w = self.check_size(height, width)
         noise = s3.get_noise(num_samples, height, width, seed=seed, dtype=self.dtype,
                              channels=self.autoencoder.latent_channels, patch=self.autoencoder.downsample_factor)
@@ -298,7 +298,7 @@ class Flux3Pipeline:
         height: int | None = None,
         num_steps: int | None = None,
         guidance: float | None = None,
-        seed: int = 0,
+        seed: int | torch.Generator = 0,
         references: list[Image.Image] | None = None,
         negative_prompt: str = "",
         progress: bool = True,

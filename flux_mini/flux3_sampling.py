@@ -14,6 +14,8 @@ from einops import rearrange, repeat
 from torch import Tensor
 from tqdm import tqdm
 
+from flux_mini.sampling import check_seed
+
 FLUX3_SHIFT = 6.93  # the constant schedule shift ("alpha") of the FLUX.3 recipe
 FLUX3_STEPS = {"flux3-klein": 16, "flux3-klein-base": 50}  # default step counts
 FLUX3_CFG = 4.0  # BFL's README for Base ("CFG 4"); diffusers defaults to 3.5
@@ -30,13 +32,16 @@ def check_size(height: int, width: int, patch: int = PATCH) -> tuple[int, int]:
 
 
 def get_noise(
-    num_samples: int, height: int, width: int, *, seed: int, dtype: torch.dtype, channels: int = 128,
-    patch: int = PATCH,
+    num_samples: int, height: int, width: int, *, seed: int | torch.Generator, dtype: torch.dtype,
+    channels: int = 128, patch: int = PATCH,
 ) -> Tensor:  # fmt: skip
-    """(B, 128, H/16, W/16) standard normal, drawn in float32 on the CPU (seed-compatible everywhere), then cast."""
+    """(B, 128, H/16, W/16) standard normal, drawn in float32 (seed-compatible everywhere), then cast: one batch
+    from a CPU generator seeded with `seed`, or from a given torch.Generator on its own device."""
     h, w = check_size(height, width, patch)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(num_samples, channels, h, w, generator=generator, dtype=torch.float32).to(dtype)
+    check_seed(seed)
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device="cpu").manual_seed(seed)
+    shape = (num_samples, channels, h, w)
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device).to(dtype)
 
 
 def pack(latent: Tensor) -> Tensor:

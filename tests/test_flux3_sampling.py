@@ -53,6 +53,17 @@ def test_noise_is_float32_draw_then_cast_and_sizes_are_checked():
         s3.get_noise(1, 64, 40, seed=0, dtype=torch.float32)
 
 
+def test_noise_takes_a_generator_or_a_checked_integer_seed():
+    """A torch.Generator draws the batch itself (the same numbers as the integer seed it was seeded with);
+    floats and seeds outside [0, 2**32) are refused, as in the other generations."""
+    from_generator = s3.get_noise(2, 32, 32, seed=torch.Generator().manual_seed(7), dtype=torch.float32)
+    assert torch.equal(from_generator, s3.get_noise(2, 32, 32, seed=7, dtype=torch.float32))
+    assert not torch.equal(from_generator, s3.get_noise(2, 32, 32, seed=8, dtype=torch.float32))
+    for bad in (1.5, -1, 2**32):
+        with pytest.raises(ValueError, match="seed"):
+            s3.get_noise(1, 32, 32, seed=bad, dtype=torch.float32)
+
+
 @dataclass
 class StubConfig:
     flow_map: bool
