@@ -31,7 +31,8 @@ from flux_mini import flux3_sampling as s3
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux3 import Flux3
 from flux_mini.loading import load_flux
-from flux_mini.pipeline import FluxPipeline, _optional, _read_json
+from flux_mini.memory import RunSize, check_fits, estimate_bytes
+from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite
 from flux_mini.text_encoders import MissingFilesError, Qwen3VLEmbedder
 
 TRANSFORMER_FILES = ("flux3-*.safetensors", "flux-3-*.safetensors")
@@ -232,8 +233,36 @@ class Flux3Pipeline:
             raise ValueError("the distilled FLUX.3 Klein takes no guidance (it is a flow map); use the Base model")
         return width, height, num_steps, guidance
 
-    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> None:
-        """No up-front estimate for FLUX.3 yet (its text window depends on the prompt): every size is tried."""
+    def memory_estimate(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> dict[str, int]:
+        """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token per
+        16x16 pixels, the text window at its cap `max_length` (a prompt's own window is never longer), the AE's
+        widest full-resolution layer. Reference images (at most 1024x1024 pixels each) are not counted."""
+        config, autoencoder = self.model.config, self.autoencoder
+        h, w = self.check_size(height, width)
+        llm = self.text_encoder.decoder.config
+        size = RunSize(
+            batch=batch,
+            image_tokens=h * w,
+            text_tokens=self.text_encoder.max_length,
+            hidden=config.hidden_size,
+            heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            token_channels=config.in_channels,
+            dtype_bytes=self.dtype.itemsize,
+            concepts=concepts,
+            pixels=height * width,
+            autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
+            t5_heads=llm.num_attention_heads,  # the LLM's (B, heads, T, T) scores
+        )
+        return estimate_bytes(size)
+
+    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
+        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
+        check_fits(
+            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            self.autoencoder.downsample_factor, self.device, available,
+            f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
+        )
 
     # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
 
@@ -316,6 +345,7 @@ class Flux3Pipeline:
         if references is not None and not 1 <= len(references) <= 10:
             raise ValueError(f"FLUX.3 takes 1 to 10 reference images, got {len(references)}")
         self.check_size(height, width)
+        self.check_memory(height, width)
         txt, txt_ids = self.encode_prompt(prompt)
         negative_txt, negative_ids = self.encode_prompt(negative_prompt) if guidance != 1.0 else (None, None)
         cond, cond_ids = self.encode_references(references) if references else (None, None)
@@ -325,7 +355,8 @@ class Flux3Pipeline:
                 self.model, img, img_ids, txt, txt_ids, s3.get_schedule(num_steps), cond, cond_ids,
                 negative_txt, negative_ids, guidance, progress,
             )  # fmt: skip
-        return self.to_pil(self.decode_tokens(tokens, height, width))[0]
+        images = self.decode_tokens(check_finite(tokens, "latents"), height, width)
+        return self.to_pil(check_finite(images, "decoded images"))[0]
 
 
 def reference_pixels(image: Image.Image) -> Tensor:

@@ -110,3 +110,25 @@ def test_missing_components_are_named(distilled, tmp_path):
     shutil.rmtree(partial / "text_encoder")
     with pytest.raises(MissingFilesError, match="Qwen3-VL"):
         Flux3Pipeline.from_folder(partial)
+
+
+def test_sizes_too_large_nan_weights_and_generators(pipe):
+    """Refused up front with the estimate (before the noise exists), NaN latents named, a Generator seeds."""
+    from flux_mini.memory import RunTooLargeError
+    from flux_mini.pipeline import NonFiniteError
+
+    with pytest.raises(RunTooLargeError, match=r"100000x100000 needs about .* GiB .*use a size that fits"):
+        pipe("a red cat", width=100000, height=100000, progress=False)
+    assert pipe.memory_estimate(128, 128)["autoencoder"] == 4 * pipe.memory_estimate(64, 64)["autoencoder"]
+    with_generator = pipe("a red cat", seed=torch.Generator().manual_seed(1), progress=False)
+    assert np.array_equal(np.asarray(with_generator), np.asarray(pipe("a red cat", seed=1, progress=False)))
+    weight = pipe.model.emb_in["image"].weight
+    saved = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    try:
+        with pytest.raises(NonFiniteError, match="latents"):
+            pipe("a red cat", seed=1, progress=False)
+    finally:
+        with torch.no_grad():
+            weight[0, 0] = saved
