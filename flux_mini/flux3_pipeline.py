@@ -233,17 +233,21 @@ class Flux3Pipeline:
             raise ValueError("the distilled FLUX.3 Klein takes no guidance (it is a flow map); use the Base model")
         return width, height, num_steps, guidance
 
-    def memory_estimate(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> dict[str, int]:
+    def memory_estimate(
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, text_tokens: int | None = None
+    ) -> dict[str, int]:
         """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token per
-        16x16 pixels, the text window at its cap `max_length` (a prompt's own window is never longer), the AE's
-        widest full-resolution layer. Reference images (at most 1024x1024 pixels each) are not counted."""
+        16x16 pixels, the prompt's text window (`text_tokens`; unknown: 512, a long prompt's, not the cap
+        `max_length`, which would refuse runs that fit), the AE's widest full-resolution layer. Reference
+        images (at most 1024x1024 pixels each) are not counted."""
         config, autoencoder = self.model.config, self.autoencoder
+        text_tokens = min(512, self.text_encoder.max_length) if text_tokens is None else text_tokens
         h, w = self.check_size(height, width)
         llm = self.text_encoder.decoder.config
         size = RunSize(
             batch=batch,
             image_tokens=h * w,
-            text_tokens=self.text_encoder.max_length,
+            text_tokens=text_tokens,
             hidden=config.hidden_size,
             heads=config.num_heads,
             mlp_ratio=config.mlp_ratio,
@@ -256,10 +260,13 @@ class Flux3Pipeline:
         )
         return estimate_bytes(size)
 
-    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
+    def check_memory(
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None,
+        text_tokens: int | None = None,
+    ):  # fmt: skip
         """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
         check_fits(
-            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            lambda h, w: self.memory_estimate(h, w, batch, concepts, text_tokens), height, width, batch,
             self.autoencoder.downsample_factor, self.device, available,
             f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
         )
@@ -345,7 +352,7 @@ class Flux3Pipeline:
         if references is not None and not 1 <= len(references) <= 10:
             raise ValueError(f"FLUX.3 takes 1 to 10 reference images, got {len(references)}")
         self.check_size(height, width)
-        self.check_memory(height, width)
+        self.check_memory(height, width, text_tokens=self.text_encoder.window(prompt))
         txt, txt_ids = self.encode_prompt(prompt)
         negative_txt, negative_ids = self.encode_prompt(negative_prompt) if guidance != 1.0 else (None, None)
         cond, cond_ids = self.encode_references(references) if references else (None, None)

@@ -482,6 +482,10 @@ class Qwen3VLEmbedder(nn.Module):
             return_offsets_mapping=offsets, return_tensors="pt",
         )  # fmt: skip
 
+    def window(self, prompt: str) -> int:
+        """T, the length of `prompt`'s window: its templated length rounded up to a multiple of 80, capped."""
+        return self._tokenize_text(self.render(prompt))["input_ids"].shape[1]
+
     def prompt_tokens(self, prompt: str) -> Tensor:
         """(1, T) bool over the prompt's window: the positions holding the prompt's own text (not the template
         around it, not padding), found through the tokenizer's character offsets."""

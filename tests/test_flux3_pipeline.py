@@ -132,3 +132,7 @@ def test_sizes_too_large_nan_weights_and_generators(pipe):
     finally:
         with torch.no_grad():
             weight[0, 0] = saved
+    short, cap = pipe.text_encoder.window("a red cat"), pipe.text_encoder.max_length
+    assert short % 80 == 0 and short < cap  # the estimate counts the prompt's window, not the cap
+    assert pipe.memory_estimate(64, 64, text_tokens=short)["text encoder"] < pipe.memory_estimate(
+        64, 64, text_tokens=cap)["text encoder"]
