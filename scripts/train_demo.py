@@ -13,6 +13,7 @@ FluxPipeline.from_folder loads (EMA weights). Runs on the CPU or a GPU (--device
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import shutil
@@ -159,6 +160,16 @@ def shapes_data(encoder: CaptionEncoder, batch_size: int, single_object_steps: i
     return data
 
 
+def world_fingerprint(seed: int = TRAIN_SEED, count: int = 16) -> str:
+    """SHA-256 of the first `count` samples of the training stream (pixels, masks, captions): a resumed run
+    must see the same world it started on, so a change to concept_attention/shapes.py stops it."""
+    digest = hashlib.sha256()
+    for index in range(count):
+        sample = make_sample(seed, index)
+        digest.update(np.asarray(sample.image).tobytes() + sample.mask.tobytes() + sample.caption.encode())
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # Exporting a pipeline folder
 
@@ -229,11 +240,18 @@ def main() -> None:
         return
 
     recipe_path = work / "recipe.json"
+    world = world_fingerprint()
     if recipe_path.exists():
         recipe = json.loads(recipe_path.read_text())
+        if recipe.get("world") != world:
+            raise SystemExit(
+                f"error: {work} was started on another version of the shapes world (recipe.json world "
+                f"{recipe.get('world', 'not recorded')}, now {world}); resuming would mix two experiments. "
+                "Start a new run with a new --work-dir."
+            )
     else:
         recipe = {"batch_size": args.batch_size, "hidden": args.hidden, "depth": args.depth,
-                  "single_depth": args.single_depth, "single_object_steps": args.single_object_steps}
+                  "single_depth": args.single_depth, "single_object_steps": args.single_object_steps, "world": world}
         work.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     if not (work / "t5").exists():

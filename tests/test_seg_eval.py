@@ -400,7 +400,9 @@ def test_demo_model_run_equals_an_independent_recomputation(tmp_path):
     def confusion(num_samples: int) -> np.ndarray:
         out = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=preset.t, num_samples=num_samples,
                                 seed=preset.seed)  # default layers: the last four double blocks
-        maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="nearest")[0]
+        assert preset.map_resample == "bilinear"
+        maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="bilinear",
+                                               align_corners=False)[0]
         predicted = np.array([words.index(c) for c in concepts])[maps.argmax(0).numpy()]
         matrix = np.zeros((len(words), len(words)), np.int64)
         np.add.at(matrix, (truth.ravel(), predicted.ravel()), 1)
@@ -458,7 +460,8 @@ def test_cli_baseline_rows_equal_the_baseline_model_alone(pixel_space_pair, tmp_
     assert run_eval(parse(*common, "--weights", str(untrained), "--out", str(tmp_path / "alone"))) == 0
     both = json.loads((tmp_path / "both" / "summary.json").read_text())
     alone = json.loads((tmp_path / "alone" / "summary.json").read_text())["results"]
-    assert both["config"]["methods"] == [*DEFAULT_METHODS, "predict_background", "colour_rule", "oracle_random_word"]
+    assert both["config"]["methods"] == [*DEFAULT_METHODS, "predict_background", "colour_rule", "oracle_random_word",
+                                         "oracle_token_grid"]
     for method in DEFAULT_METHODS:
         assert both["results"][f"untrained: {method}"] == alone[method]
     assert both["results"]["predict_background"] == alone["predict_background"]

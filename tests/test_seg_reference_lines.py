@@ -8,9 +8,10 @@ from PIL import Image
 from concept_attention.segmentation.datasets import SegSample, ShapesSegmentation
 from concept_attention.segmentation.evaluate import (
     SHAPES_METHODS, EvalConfig, EvalError, default_methods, evaluate, oracle_random_word_maps,
+    oracle_token_grid_maps, score_maps,
 )
 from concept_attention.segmentation.metrics import binding_accuracy
-from concept_attention.segmentation.protocols import Vocabulary, get_preset, vocabulary
+from concept_attention.segmentation.protocols import ProtocolError, Vocabulary, get_preset, vocabulary
 from concept_attention.shapes import BACKGROUND_COLOURS, COLOURS
 
 # The global label space of the shapes benchmark: background words, then shape words.
@@ -108,3 +109,44 @@ def test_shapes_presets_report_the_reference_lines_and_binding(tmp_path):
     with pytest.raises(EvalError, match="colour_rule"):
         run([SegSample(Image.new("RGB", (32, 32)), np.zeros((32, 32), np.int64), ["background", "cat"], "x",
                        caption="", background_label=0)], ("colour_rule",), tmp_path / "other")
+
+
+def offset_square() -> tuple[SegSample, np.ndarray]:
+    """Sand with a 4x4 circle at rows/columns 3..6: on a 2x2 token grid it covers one token whole and eight
+    tokens partly (a quarter or a half), so no token map can follow its outline exactly."""
+    mask = np.full((32, 32), SAND, dtype=np.int64)
+    mask[3:7, 3:7] = CIRCLE
+    return SegSample(Image.new("RGB", (32, 32)), mask, list(WORDS), "offset", caption="", background_label=SAND), mask
+
+
+def test_oracle_token_grid_holds_each_tokens_exact_label_shares():
+    sample, target = offset_square()
+    vocab = Vocabulary(["sand", "circle"], [SAND, CIRCLE], "")
+    maps = oracle_token_grid_maps(vocab, target, (16, 16)).numpy()                     # (2, 16, 16)
+    assert maps.shape == (2, 16, 16) and np.allclose(maps.sum(0), 1.0)
+    circle = np.zeros((16, 16))
+    circle[1:4, 1:4] = np.outer([0.5, 1.0, 0.5], [0.5, 1.0, 0.5])   # tokens 1..3 hold pixels 3 | 4, 5 | 6 per axis
+    assert np.array_equal(maps[1], circle)
+    two_words = Vocabulary(["sand", "circle", "disc"], [SAND, CIRCLE, CIRCLE], "")  # words sharing a label split it
+    assert np.array_equal(oracle_token_grid_maps(two_words, target, (16, 16)).numpy()[2], circle / 2)
+
+
+def test_map_resample_decides_what_a_token_grid_can_show():
+    """The exact shares of the offset square: nearest upsampling gives the circle only the token it fills (the
+    half-filled ones tie, and ties go to the first concept, sand); bilinear finds all but its four corners."""
+    sample, target = offset_square()
+    vocab = Vocabulary(["sand", "circle"], [SAND, CIRCLE], "")
+    maps = oracle_token_grid_maps(vocab, target, (16, 16))
+    protocol = get_preset("shapes-binding")
+    assert protocol.map_resample == "bilinear" and get_preset("paper-voc-multi").map_resample == "nearest"
+    bilinear = score_maps(maps, vocab, target, protocol, len(WORDS)).confusion
+    nearest = score_maps(maps, vocab, target, protocol.override(map_resample="nearest"), len(WORDS)).confusion
+    assert bilinear[CIRCLE, CIRCLE] == 12 and bilinear[CIRCLE, SAND] == 4 and bilinear[SAND, CIRCLE] == 0
+    assert nearest[CIRCLE, CIRCLE] == 4 and nearest[CIRCLE, SAND] == 12 and nearest[SAND, CIRCLE] == 0
+    with pytest.raises(ProtocolError, match="map_resample"):
+        protocol.override(map_resample="bicubic")
+
+
+def test_oracle_token_grid_needs_a_model_for_its_grid(tmp_path):
+    with pytest.raises(EvalError, match="token grid"):
+        run([offset_square()[0]], ("oracle_token_grid",), tmp_path)

@@ -22,6 +22,7 @@ from concept_attention.shapes import (
     ShapesConfig,
     ShapesDataset,
     colour_rule_scores,
+    depth_inside,
     make_sample,
     vocabulary,
 )
@@ -43,10 +44,13 @@ def test_masks_partition_the_image_and_match_the_pixels(seed, index):
     assert all(name in SHAPES for name in sample.class_names[1:])
     assert len(set(sample.class_names)) == len(sample.class_names)
     assert len(sample.colours) == len(sample.class_names) - 1 and set(sample.colours) <= set(COLOURS)
+    named = np.stack([np.linalg.norm(pixels - np.array(rgb), axis=-1) for rgb in COLOURS.values()])  # (6, H, W)
     for label, colour in enumerate(sample.colours, start=1):
         distance = np.linalg.norm(pixels - np.array(COLOURS[colour]), axis=-1)
         inside = sample.mask == label
-        assert distance[inside].max() < 60, f"{colour}: a masked pixel does not have the object's colour"
+        assert distance[inside].max() < 80, f"{colour}: a masked pixel does not have the object's colour"
+        nearest = np.array(list(COLOURS))[named.argmin(0)]
+        assert (nearest[inside] == colour).all(), f"{colour}: a shaded pixel is nearer another named colour"
         same_colour = sample.colour_mask(colour)
         assert same_colour[inside].all()
         assert distance[~same_colour].min() > 60, f"{colour}: an unmasked pixel has the object's colour"
@@ -204,3 +208,27 @@ def test_colour_rule_is_at_chance_on_shape_words():
         total += objects.sum()
     assert 0.35 < right / total < 0.65
     assert set(COLOUR_RULE_SHAPES) == set(COLOURS) and set(COLOUR_RULE_SHAPES.values()) == set(SHAPES)
+
+
+def test_depth_inside_is_the_distance_to_the_outline_by_hand():
+    region = np.zeros((9, 9), bool)
+    region[2:7, 2:7] = True                                      # a 5x5 square: rings at distance 1, 2, 3
+    depth = depth_inside(region)
+    assert depth[4, 4] == 1.0 and depth[2, 2] == depth[2, 4] == depth[6, 3] == 1 / 3 and depth[3, 4] == 2 / 3
+    assert (depth[~region] == 0).all()
+    bar = np.zeros((9, 9), bool)
+    bar[4, 1:8] = True                                           # one pixel thick: every pixel touches the outside
+    assert (depth_inside(bar)[bar] == 1.0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seeds, indices)
+def test_objects_are_shaded_by_their_outline(seed, index):
+    """Inside every object, the pixels deep inside are brighter than those on the outline (the cushion
+    shading), so the shape shows everywhere in the object, not only at its edge."""
+    sample = make_sample(seed, index)
+    brightness = np.asarray(sample.image, dtype=np.float64).sum(-1)
+    for label in range(1, len(sample.class_names)):
+        depth = depth_inside(sample.mask == label)
+        deep, rim = brightness[depth > 0.7], brightness[(sample.mask == label) & (depth < 0.3)]
+        assert deep.mean() > rim.mean() + 15

@@ -41,7 +41,7 @@ from concept_attention.segmentation.metrics import (
     onehot_average_precision,
 )
 from concept_attention.segmentation.protocols import (
-    PRESETS, RESAMPLE, SegProtocol, Vocabulary, get_preset, prepare_image, vocabulary,
+    MAP_RESAMPLE, PRESETS, RESAMPLE, SegProtocol, Vocabulary, get_preset, prepare_image, vocabulary,
 )
 from concept_attention.segmentation.resume import (
     RECORD_FILES, EvalError, FolderLock, ResultsFile, compact_records, describe, differences, load_records,
@@ -86,11 +86,12 @@ METHODS: dict[str, Method] = {
     "predict_background": Method(None, "background"),      # reference line: the image's background label everywhere
     "colour_rule": Method(None, "colour_rule"),            # reference line (shapes): each pixel's nearest colour
     "oracle_random_word": Method(None, "oracle_random_word"),  # reference line: exact objects, random words
+    "oracle_token_grid": Method(None, "oracle_token_grid"),    # ceiling: exact labels averaged per model token
 }
 MAP_FIELDS = {"output": "concept_maps", "cross_attention": "cross_attention_maps", "value": "value_maps"}
 DEFAULT_METHODS = ("concept_attention", "cross_attention", "value_space")
 # The demo benchmark has its model-free reference lines.
-SHAPES_METHODS = (*DEFAULT_METHODS, "predict_background", "colour_rule", "oracle_random_word")
+SHAPES_METHODS = (*DEFAULT_METHODS, "predict_background", "colour_rule", "oracle_random_word", "oracle_token_grid")
 PRESET_METHODS = {"shapes": SHAPES_METHODS, "shapes-binding": SHAPES_METHODS}
 
 
@@ -186,10 +187,12 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return (x - low) / (high - low) if high > low else np.zeros_like(x)
 
 
-def resize_maps(maps: torch.Tensor, size: int) -> np.ndarray:
-    """(r, h, w) -> (r, size, size) float64 with nearest (torch's F.interpolate convention, as the paper)."""
+def resize_maps(maps: torch.Tensor, size: int, mode: str = "nearest") -> np.ndarray:
+    """(r, h, w) -> (r, size, size) float64. "nearest" is torch's F.interpolate convention, as the paper;
+    "bilinear" (half-pixel centres) lets a coarse token grid follow an outline between token centres."""
     maps = maps.detach().to("cpu", torch.float64)
-    return F.interpolate(maps[None], size=(size, size), mode="nearest")[0].numpy()
+    options = {} if mode == "nearest" else {"align_corners": False}
+    return F.interpolate(maps[None], size=(size, size), mode=mode, **options)[0].numpy()
 
 
 def score_maps(maps: torch.Tensor, vocab: Vocabulary, target: np.ndarray, protocol: SegProtocol,
@@ -197,7 +200,7 @@ def score_maps(maps: torch.Tensor, vocab: Vocabulary, target: np.ndarray, protoc
     """Predict labels from one image's concept maps and score them against `target` (eval size)."""
     if maps.shape[0] != len(vocab.concepts):
         raise EvalError(f"{maps.shape[0]} maps for {len(vocab.concepts)} concepts")
-    scores = resize_maps(maps, protocol.eval_size)                               # (r, S, S)
+    scores = resize_maps(maps, protocol.eval_size, protocol.map_resample)        # (r, S, S)
     labels = np.asarray(vocab.labels)
     if protocol.threshold == "mean":                                            # binary: object map > its mean
         obj = minmax(scores[vocab.object_index])
@@ -270,6 +273,17 @@ def oracle_random_word_maps(sample: SegSample, vocab: Vocabulary, target: np.nda
     return torch.from_numpy(maps)
 
 
+def oracle_token_grid_maps(vocab: Vocabulary, target: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """The token-grid ceiling as (r, h, w) maps: each offered word's share of each token's pixels in the exact
+    target (the best any map with one value per token can be), then scored like a model's maps, i.e. upsampled
+    by the protocol's map_resample. It separates what the method misses from what the grid cannot show."""
+    labels = torch.from_numpy(np.asarray(vocab.labels))
+    onehot = (torch.from_numpy(target)[None] == labels[:, None, None]).to(torch.float64)  # (r, S, S)
+    shares = F.adaptive_avg_pool2d(onehot[None], grid)[0]                                  # (r, h, w)
+    per_word = (labels[:, None] == labels[None, :]).sum(1).to(torch.float64)              # words sharing a label
+    return shares / per_word[:, None, None]
+
+
 def reference_maps(method: str, sample: SegSample, vocab: Vocabulary, target: np.ndarray,
                    protocol: SegProtocol) -> torch.Tensor:
     """The maps of a model-free reference line (METHODS[method].attention is None)."""
@@ -304,6 +318,8 @@ def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, c
     results = {}
     wanted: dict[tuple[str, float | None], list[tuple[str, str, bool]]] = {}   # pass -> (key, method, per layer)
     for method in config.methods:
+        if method == "oracle_token_grid":
+            continue                                # needs the model's token grid: after its passes
         if METHODS[method].attention is None:
             results[method] = score_maps(reference_maps(method, sample, vocab, target, protocol), vocab, target,
                                          protocol, num_classes)
@@ -334,6 +350,12 @@ def evaluate_image(get_provider: Callable[[], MapProvider], sample: SegSample, c
                 stack = finite_maps(out.layer_maps[space], sample.image_id, f"per-layer {method}")  # (L, r, h, w)
                 for layer, layer_maps in zip(protocol.layers, stack):
                     results[layer_key(method, layer)] = score_maps(layer_maps, vocab, target, protocol, num_classes)
+            grid = tuple(maps.shape[-2:])
+    if "oracle_token_grid" in config.methods:
+        if not wanted:
+            raise EvalError("oracle_token_grid takes its token grid from a model's maps: add a model-based method")
+        results["oracle_token_grid"] = score_maps(oracle_token_grid_maps(vocab, target, grid), vocab, target,
+                                                  protocol, num_classes)
     return results
 
 
@@ -704,6 +726,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline-size", type=_optional(int), default=None)
     group.add_argument("--input-size", type=_optional(int), default=None)
     group.add_argument("--input-resample", choices=sorted(RESAMPLE), default=None)
+    group.add_argument("--map-resample", choices=MAP_RESAMPLE, default=None,
+                       help="how token maps reach the eval size (shapes presets: bilinear; paper presets: nearest)")
     group.add_argument("--t", type=_optional(float), default=None)
     group.add_argument("--noise-timestep", type=int, default=None)
     group.add_argument("--num-steps", type=int, default=None)
@@ -720,7 +744,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 OVERRIDES = ("background_concepts", "class_first", "threshold", "eval_size", "pipeline_size", "input_size",
              "input_resample", "t", "noise_timestep", "num_steps", "num_samples", "seed", "layers", "normalize",
-             "softmax", "blur", "ap_minmax", "caption_template", "caption_joiner")
+             "softmax", "blur", "ap_minmax", "caption_template", "caption_joiner", "map_resample")
 
 
 def protocol_from_args(args: argparse.Namespace) -> SegProtocol:
