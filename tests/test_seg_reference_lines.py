@@ -150,3 +150,22 @@ def test_map_resample_decides_what_a_token_grid_can_show():
 def test_oracle_token_grid_needs_a_model_for_its_grid(tmp_path):
     with pytest.raises(EvalError, match="token grid"):
         run([offset_square()[0]], ("oracle_token_grid",), tmp_path)
+
+
+def test_colour_words_dataset_labels_objects_by_colour(tmp_path):
+    """shapes-colours: the same images, each object labelled by its colour word. The colour rule reads colours,
+    so there it binds nearly every object pixel; on shape words it stays near chance (the test above)."""
+    from concept_attention.segmentation.datasets import load_dataset
+
+    shapes, colours = load_dataset("shapes", "30:9"), load_dataset("shapes-colours", "30:9")
+    assert colours.class_names == ["grass", "sky", "sand", "night", "red", "orange", "yellow", "blue", "purple", "pink"]
+    assert shapes.identity() != colours.identity()
+    for index in range(len(colours)):
+        raw, by_shape, by_colour = colours._data[index], shapes[index], colours[index]
+        assert np.array_equal(by_shape.mask == by_shape.background_label, by_colour.mask == by_colour.background_label)
+        for label, colour in enumerate(raw.colours, start=1):
+            assert (by_colour.mask[raw.mask == label] == colours.class_names.index(colour)).all()
+    config = EvalConfig("shapes", get_preset("shapes-binding"), ("colour_rule", "oracle_random_word"))
+    summary = evaluate(colours, no_model, config, tmp_path, progress=False, plots=False)
+    assert summary["colour_rule"]["binding_accuracy"] > 0.95 and summary["colour_rule"]["n_binding_images"] > 5
+    assert summary["oracle_random_word"]["binding_accuracy"] < 0.8

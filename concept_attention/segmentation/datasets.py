@@ -8,6 +8,7 @@ pixels that no metric counts (VOC's object borders).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -345,10 +346,12 @@ class FolderDataset(Sequence[SegSample]):
 
 class ShapesSegmentation(Sequence[SegSample]):
     """`--data LENGTH[:SEED]` images of concept_attention.shapes; each image's local labels (0 = its background
-    word, 1.. = its shapes) become indices into one shared list: the background words, then the shape words.
-    Seed 1 (the default) is the demo model's held-out stream (scripts/train_demo.py trains on seed 0)."""
+    word, 1.. = its objects) become indices into one shared list: the background words, then the object words,
+    i.e. the shape words, or with `words="colours"` (dataset shapes-colours) the colour words, each object
+    labelled by its colour (two objects of one colour share a label). Seed 1 (the default) is the demo
+    model's held-out stream (scripts/train_demo.py trains on seed 0)."""
 
-    def __init__(self, spec: str | Path | None):
+    def __init__(self, spec: str | Path | None, words: str = "shapes"):
         from concept_attention.shapes import ShapesConfig, ShapesDataset
 
         text = str(spec or "200:1")
@@ -357,8 +360,13 @@ class ShapesSegmentation(Sequence[SegSample]):
             self._data = ShapesDataset(int(length), seed=int(seed or 1), config=ShapesConfig())
         except ValueError:
             raise DatasetError(f"--data for shapes is LENGTH[:SEED] (e.g. 200:1), got {text!r}") from None
-        self.class_names = list(self._data.config.concept_words)
-        self.object_labels = [self.class_names.index(shape) for shape in self._data.config.shapes]  # binding
+        if words not in ("shapes", "colours"):
+            raise DatasetError(f"the shapes dataset labels objects by 'shapes' or 'colours', got {words!r}")
+        self.words = words
+        config = self._data.config
+        objects = config.shapes if words == "shapes" else config.colours
+        self.class_names = [*config.backgrounds, *objects]
+        self.object_labels = [self.class_names.index(word) for word in objects]  # binding accuracy
 
     def __len__(self) -> int:
         return len(self._data)
@@ -367,11 +375,16 @@ class ShapesSegmentation(Sequence[SegSample]):
         return f"shapes-{self._data.seed}-{index}"
 
     def identity(self) -> dict:
-        return {"length": len(self._data), "seed": self._data.seed, "config": asdict(self._data.config)}
+        """What makes the images and labels: a change of the generator changes the first image's digest."""
+        first = self._data[0]
+        digest = hashlib.sha256(np.asarray(first.image).tobytes() + first.mask.tobytes()).hexdigest()
+        return {"length": len(self._data), "seed": self._data.seed, "config": asdict(self._data.config),
+                "words": self.words, "first_image_sha256": digest}
 
     def __getitem__(self, index: int) -> SegSample:
         sample = self._data[index]
-        to_global = np.array([self.class_names.index(name) for name in sample.class_names])
+        local = sample.class_names[1:] if self.words == "shapes" else sample.colours
+        to_global = np.array([self.class_names.index(name) for name in [sample.class_names[0], *local]])
         return SegSample(sample.image, to_global[sample.mask], list(self.class_names), sample.image_id, sample.caption,
                          background_label=int(to_global[0]))
 
@@ -394,6 +407,7 @@ DATASETS: dict[str, DatasetEntry] = {
     "voc-multi": DatasetEntry(lambda path: PascalVOC(path), "paper-voc-multi", "the VOCdevkit/VOC2012 folder"),
     "folder": DatasetEntry(FolderDataset, "folder", "the folder holding images/, masks/ and classes.csv"),
     "shapes": DatasetEntry(ShapesSegmentation, "shapes", None),
+    "shapes-colours": DatasetEntry(lambda spec: ShapesSegmentation(spec, words="colours"), "shapes", None),
 }
 
 
