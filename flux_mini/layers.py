@@ -185,16 +185,16 @@ class ConceptLayer:
 def concept_attention(q_c: Tensor, k_c: Tensor, v_c: Tensor, k_img: Tensor, v_img: Tensor, mode: str) -> Tensor:
     """Only the r concept query rows, (B, H, r, Dh), over [concept ; image] keys (or one of the two).
 
-    The two key blocks share one softmax but are never concatenated: the image keys and values are
-    read where they are, which halves the cost of this step for a few concepts over many image tokens."""
+    One SDPA call: on a GPU a few concept queries cost kernel launches, not arithmetic, so the image keys and
+    values are copied behind the concept keys once per block (one copy of the image's k and v) instead of
+    scoring the two key blocks apart and merging them (four products, a concatenation, a softmax, a sum)."""
     if mode == "none":
         return v_c
-    sources = {"both": ((k_c, v_c), (k_img, v_img)), "self": ((k_c, v_c),), "cross": ((k_img, v_img),)}[mode]
-    scale = q_c.shape[-1] ** -0.5
-    scores = torch.cat([q_c @ k.transpose(-1, -2) for k, _ in sources], dim=-1) * scale  # (B, H, r, keys)
-    weights = scores.to(upcast(scores.dtype)).softmax(dim=-1).to(q_c.dtype)
-    parts = weights.split([k.shape[2] for k, _ in sources], dim=-1)
-    return sum(w @ v for w, (_, v) in zip(parts, sources))
+    if mode == "self":
+        return attention(q_c, k_c, v_c)
+    if mode == "cross":
+        return attention(q_c, k_img, v_img)
+    return attention(q_c, torch.cat((k_c, k_img), dim=2), torch.cat((v_c, v_img), dim=2))
 
 
 def linear_weight(layer: nn.Module) -> Tensor:
