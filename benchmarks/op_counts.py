@@ -29,7 +29,9 @@ FREE = {torch.ops.aten._unsafe_view.default}  # not marked as a view, yet only r
 
 
 def launches_kernel(op: torch._ops.OpOverload) -> bool:
-    return not op.is_view and op not in FREE
+    """Ops that compute something: not views, and returning tensors (`promote_types` returns a dtype)."""
+    returns_tensor = any("Tensor" in str(ret.type) for ret in op._schema.returns)
+    return returns_tensor and not op.is_view and op not in FREE
 
 
 class OpCounter(TorchDispatchMode):
@@ -103,20 +105,26 @@ def block_counts(generation: str) -> dict[str, dict[str, Counts]]:
     plain, _ = per_layer(model.layers(**x), OpCounter())
     with_concepts, maps = per_layer(model.concept_pass(**x, concept_txt=concept_txt), OpCounter(), MapAccumulator())
     return {
-        kind: {"plain": Counts.of(plain[i]), "concepts": Counts.of(with_concepts[i]), "maps/layer": Counts.of(maps.get(i, Counter()))}
+        kind: {
+            "plain": Counts.of(plain[i]),
+            "concepts": Counts.of(with_concepts[i]),
+            "maps/layer": Counts.of(maps.get(i, Counter())),
+        }
         for kind, i in kinds.items()
     }
 
 
 def main() -> None:
-    print("ATen ops per block, tiny random models, B=1, 3 concepts, float32, no_grad (kernels = ops that are not views)")
-    print(f"{'generation':<11}{'block':<18}{'plain':>14}{'with concepts':>16}{'extra':>14}{'ratio':>8}{'maps/layer':>13}")
-    print(f"{'':<11}{'':<18}{'kernels/all':>14}{'kernels/all':>16}{'kernels/all':>14}{'kernels':>8}{'kernels/all':>13}")
+    print("ATen ops per block, tiny random models, B=1, 3 concepts, float32, no_grad (kernels: ops that are not views)")
+    columns = ("plain", "with concepts", "extra", "ratio", "maps/layer")
+    print(f"{'generation':<11}{'block':<18}" + "".join(f"{c:>15}" for c in columns))
+    print(" " * 29 + "".join(f"{c:>15}" for c in ("kernels/all",) * 3 + ("kernels",) + ("kernels/all",)))
     for generation in ("flux1", "flux2", "flux3"):
         for kind, c in block_counts(generation).items():
             p, w, m = c["plain"], c["concepts"], c["maps/layer"]
-            print(f"{generation:<11}{kind:<18}{f'{p.kernels}/{p.all}':>14}{f'{w.kernels}/{w.all}':>16}"
-                  f"{f'{w.kernels - p.kernels}/{w.all - p.all}':>14}{w.kernels / p.kernels:>7.2f}x{f'{m.kernels}/{m.all}':>13}")
+            cells = (f"{p.kernels}/{p.all}", f"{w.kernels}/{w.all}", f"{w.kernels - p.kernels}/{w.all - p.all}",
+                     f"{w.kernels / p.kernels:.2f}x", f"{m.kernels}/{m.all}")
+            print(f"{generation:<11}{kind:<18}" + "".join(f"{cell:>15}" for cell in cells))
 
 
 if __name__ == "__main__":
