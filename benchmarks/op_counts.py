@@ -74,8 +74,10 @@ def per_layer(layers, counter: OpCounter, accumulator: MapAccumulator | None = N
     return blocks, maps
 
 
-def tiny_case(generation: str, seed: int = 0) -> tuple[torch.nn.Module, dict, torch.Tensor, dict[str, int]]:
-    """A tiny random model, its inputs (B 1, 12 image tokens, 5 text tokens), 3 concepts, and the layer to read
+def tiny_case(
+    generation: str, concepts: int = 3, seed: int = 0
+) -> tuple[torch.nn.Module, dict, torch.Tensor, dict[str, int]]:
+    """A tiny random model, its inputs (B 1, 12 image tokens, 5 text tokens), r concepts, and the layer to read
     for each block kind (never the first of its kind, whose step also holds the setup before it)."""
     g = torch.Generator().manual_seed(seed)
     config = {"flux1": tiny_flux_config, "flux2": tiny_flux2_config, "flux3": tiny_flux3_config}[generation]()
@@ -94,14 +96,14 @@ def tiny_case(generation: str, seed: int = 0) -> tuple[torch.nn.Module, dict, to
     else:
         x["target_timesteps"] = torch.tensor([0.3])
         kinds = {"mode block layer": 1, "joint block": config.depth + 1}
-    concept_txt = torch.randn(1, 3, config.context_in_dim, generator=g)
+    concept_txt = torch.randn(1, concepts, config.context_in_dim, generator=g)
     return model, x, concept_txt, kinds
 
 
 @torch.no_grad()
-def block_counts(generation: str) -> dict[str, dict[str, Counts]]:
+def block_counts(generation: str, concepts: int = 3) -> dict[str, dict[str, Counts]]:
     """kind of block -> {"plain", "concepts", "maps/layer"} -> Counts, for one tiny model of `generation`."""
-    model, x, concept_txt, kinds = tiny_case(generation)
+    model, x, concept_txt, kinds = tiny_case(generation, concepts)
     plain, _ = per_layer(model.layers(**x), OpCounter())
     with_concepts, maps = per_layer(model.concept_pass(**x, concept_txt=concept_txt), OpCounter(), MapAccumulator())
     return {
