@@ -280,13 +280,15 @@ class ConceptAttentionPipeline:
     def _concept_pass(
         self, img, img_ids, inputs: dict, concept_txt, concept_extra: dict, accumulator, layers, **options
     ) -> Tensor | None:
-        """One concept pass with the model inputs of `prompt_inputs` and `step_inputs` (all by name)."""
+        """One concept pass with the model inputs of `prompt_inputs` and `step_inputs` (all by name). Passes with
+        interventions run eagerly: their Python sites objects would break the compiled graph at every site."""
         inputs = dict(inputs)
         txt, txt_ids, timesteps = inputs.pop("txt"), inputs.pop("txt_ids"), inputs.pop("timesteps")
         y = inputs.pop("y", None)  # run_concept_layers names Flux.1's pooled vector positionally
+        maps_pass = self.maps_pass if options["sites"] is NO_SITES else concept_pass_maps
         return run_concept_layers(
             self.flux.model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, layers,
-            **inputs, **concept_extra, **options, maps_pass=self.maps_pass,
+            **inputs, **concept_extra, **options, maps_pass=maps_pass,
         )
 
     @staticmethod
