@@ -4,10 +4,12 @@
     python benchmarks/gpu_check.py --tiny --device cpu  # the same code at a tiny size (the tests run this)
 
 For each model, side by side in one run, one table:
-  speed     flux_mini vs diffusers forward (bf16); torch.compile vs eager (first call and steady state)
-  concepts  forward + maps of the default map layers (Flux.1: double blocks; FLUX.2: all; FLUX.3: joint)
-            vs the plain forward; maps stopping after the last map layer vs the plain blocks up to it
-            (encode / segmentation mode)
+  speed     flux_mini vs diffusers forward (bf16)
+  concepts  forward + maps of the default map layers (Flux.1: double blocks; FLUX.2: all; FLUX.3: joint) in
+            one pass, as a generation step runs, vs the plain forward; maps stopping after the last map layer
+            vs the plain blocks up to it (encode / segmentation mode)
+  compile   torch.compile vs eager forward (first call and steady state), and the compiled pass with maps vs
+            the compiled forward (what the pipelines' compile=True runs)
   modes     bf16 resident, fp8 storage, block offload (bf16 and fp8): peak device memory, weights held on
             the device, forward time, output error against fp32, and how often the argmax of the concept
             maps differs from bf16's
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from concept_attention.maps import compute_concept_maps
+from concept_attention.maps import compute_concept_maps, concept_pass_maps
 from flux_mini.convert import (
     bfl_to_diffusers,
     diffusers_config,
@@ -182,6 +184,11 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
     def maps(model: nn.Module) -> torch.Tensor:
         return compute_concept_maps(model, **plain, concept_txt=x["concept_txt"], layers=map_layers)
 
+    def generation_step(model: nn.Module, maps_pass: Callable = concept_pass_maps):
+        """One pass giving the velocity and the maps, as a generation step with maps runs."""
+        inputs = {"y": None} | plain
+        return maps_pass(model, **inputs, concept_txt=x["concept_txt"], layers=map_layers, need_output=True)
+
     # fp32 reference, then the bf16 master copy kept on the CPU
     with torch.device(device):
         model32 = init_random_(case.model_class(case.config), seed=0).eval()
@@ -253,7 +260,7 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
         concept_times = median_seconds(  # seconds
             {
                 "forward": lambda: resident(**plain),
-                "forward + maps (generation)": lambda: (resident(**plain), maps(resident)),
+                "forward + maps (generation)": lambda: generation_step(resident),
                 "blocks up to the last map layer": plain_until_last_map_layer,
                 "maps, stopping there": lambda: maps(resident),
             },
@@ -267,15 +274,28 @@ def check_case(case: Case, device: torch.device, reps: int, compile_model: bool)
         "stop-after maps / the same blocks": concept_times["maps, stopping there"]
         / concept_times["blocks up to the last map layer"],
     }
-    if compile_model:
-        compiled = torch.compile(resident)
+    if compile_model:  # what the pipelines' compile=True does: the forward and the pass with maps, compiled
+        compiled, compiled_maps = torch.compile(resident), torch.compile(concept_pass_maps)
         with torch.no_grad():
             start = time.perf_counter()
             compiled(**plain)
             synchronize(device)
             first = time.perf_counter() - start
-            steady = median_seconds({"eager": lambda: resident(**plain), "compiled": lambda: compiled(**plain)}, device, reps)
-        result.rows["compile"] = {"first call ms": first * 1e3, "compiled / eager": steady["compiled"] / steady["eager"]}
+            generation_step(resident, compiled_maps)
+            steady = median_seconds(
+                {
+                    "eager": lambda: resident(**plain),
+                    "compiled": lambda: compiled(**plain),
+                    "compiled + maps": lambda: generation_step(resident, compiled_maps),
+                },
+                device,
+                reps,
+            )
+        result.rows["compile"] = {
+            "first call ms": first * 1e3,
+            "compiled / eager": steady["compiled"] / steady["eager"],
+            "compiled forward + maps / compiled forward": steady["compiled + maps"] / steady["compiled"],
+        }
     return result
 
 

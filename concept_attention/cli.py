@@ -145,7 +145,9 @@ def run(args: argparse.Namespace, weights: Path, label: str | None) -> None:
     device = resolve_device(args.device)
     image = open_image(args.image) if args.command == "encode" else None
     with quiet_transformers(logging=args.quiet):
-        pipe = ConceptAttentionPipeline.from_folder(weights, device=device, dtype=resolve_dtype(args.dtype, device))
+        pipe = ConceptAttentionPipeline.from_folder(
+            weights, device=device, dtype=resolve_dtype(args.dtype, device), compile=args.compile
+        )
     options = dict(
         layer_indices=args.layers, softmax=not args.no_softmax, normalize=args.normalize, blur=args.blur,
         attention=args.attention, concept_encoding=args.concept_encoding, concept_positions=args.concept_positions,

@@ -14,7 +14,7 @@ layers) and `config.map_layers` (the layers that can give maps). Inputs only som
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,24 +87,32 @@ class MapAccumulator:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
 
     def add(self, layer: LayerOutput, step: int | None = None) -> None:
+        """Feed one layer's concept results (its maps in every space, its vectors when they are kept)."""
+        maps = {space: layer_maps(layer, space, self.softmax, self.normalize) for space in self.spaces}
+        vectors = (layer.concepts.concept_out, layer.concepts.image_out) if self.keeps_vectors(layer.index) else None
+        self.add_maps(layer.index, maps, step, vectors)
+
+    def keeps_vectors(self, index: int) -> bool:
+        return self.keep_vectors and index in self.vector_layers
+
+    def add_maps(
+        self, index: int, maps: dict[str, Tensor], step: int | None = None, vectors: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        """Feed one layer's maps (space -> (B, r, N)) and, when kept, its (concept_out, image_out) vectors."""
         for space in self.spaces:
-            maps = layer_maps(layer, space, self.softmax, self.normalize)
-            maps = maps.to(torch.promote_types(maps.dtype, torch.float32))  # accumulate bf16 maps in float32
-            self.sums[space] = self.sums[space] + maps if space in self.sums else maps
+            layer_map = maps[space].to(torch.promote_types(maps[space].dtype, torch.float32))  # bf16 maps sum in fp32
+            self.sums[space] = self.sums[space] + layer_map if space in self.sums else layer_map
             if self.per_layer:
                 sums = self.layer_sums.setdefault(space, {})
-                sums[layer.index] = sums[layer.index] + maps if layer.index in sums else maps
+                sums[index] = sums[index] + layer_map if index in sums else layer_map
         self.count += 1
-        self.layer_counts[layer.index] = self.layer_counts.get(layer.index, 0) + 1
-        if self.keep_vectors and layer.index in self.vector_layers:
+        self.layer_counts[index] = self.layer_counts.get(index, 0) + 1
+        if vectors is not None:
+            concept_out, image_out = vectors
             self.vectors.append(
-                {
-                    "layer": layer.index,
-                    "step": step,
-                    "concept_out": layer.concepts.concept_out.detach().cpu(),
-                    "image_out": layer.concepts.image_out.detach().cpu(),
-                }
-            )
+                {"layer": index, "step": step, "concept_out": concept_out.detach().cpu(),
+                 "image_out": image_out.detach().cpu()}
+            )  # fmt: skip
 
     def mean(self) -> dict[str, Tensor]:
         """space -> (B, r, N) mean over everything added."""
@@ -143,6 +151,52 @@ def check_layers(model: nn.Module, layers: Iterable[int] | None) -> list[int]:
     return chosen
 
 
+def concept_pass_maps(
+    model: nn.Module,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: Tensor,
+    y: Tensor | None,
+    concept_txt: Tensor,
+    layers: list[int],
+    spaces: tuple[str, ...] = ("output",),
+    softmax: bool = True,
+    normalize: str | None = None,
+    vector_layers: frozenset[int] = frozenset(),
+    guidance: Tensor | None = None,
+    concept_y: Tensor | None = None,
+    attention: str = "both",
+    need_output: bool = False,
+    concept_ids: Tensor | None = None,
+    sites: Sites = NO_SITES,
+    **conditioning: Tensor | None,
+) -> tuple[Tensor | None, dict[int, dict[str, Tensor]], dict[int, tuple[Tensor, Tensor]]]:
+    """One model pass with the concept stream -> (the velocity with `need_output`, else None; layer -> space ->
+    maps (B, r, N) for each of `layers`; layer -> (concept_out, image_out) for `vector_layers`).
+
+    It changes no state and reads no tensor value on the host, so `torch.compile(concept_pass_maps,
+    fullgraph=True)` captures the whole pass as one graph (the pipelines' `compile=` switch does). Inputs as
+    in `run_concept_layers`, which feeds the results to a `MapAccumulator`."""
+    wanted, last = set(layers), max(layers)
+    passes = model.concept_pass(
+        img, img_ids, txt, txt_ids, timesteps, concept_txt,
+        **given(y=y, guidance=guidance, concept_y=concept_y, concept_ids=concept_ids, **conditioning),
+        attention=attention, cross_attention="cross_attention" in spaces, values="value" in spaces,
+        last_layer=None if need_output else last, sites=sites,
+    )  # fmt: skip
+    maps, vectors = {}, {}
+    for layer in passes:
+        if layer.index in wanted:
+            maps[layer.index] = {space: layer_maps(layer, space, softmax, normalize) for space in spaces}
+            if layer.index in vector_layers:
+                vectors[layer.index] = (layer.concepts.concept_out, layer.concepts.image_out)
+        if not need_output and layer.index >= last:
+            return None, maps, vectors
+    return model.velocity(layer), maps, vectors
+
+
 def run_concept_layers(
     model: nn.Module,
     img: Tensor,
@@ -161,6 +215,7 @@ def run_concept_layers(
     step: int | None = None,
     concept_ids: Tensor | None = None,
     sites: Sites = NO_SITES,
+    maps_pass: Callable = concept_pass_maps,
     **conditioning: Tensor | None,
 ) -> Tensor | None:
     """One model pass with the concept stream, feeding the requested layers to `accumulator`.
@@ -169,20 +224,17 @@ def run_concept_layers(
     `concept_ids`: FLUX.2's concept RoPE ids; `conditioning`: any other generation's inputs by name (FLUX.3:
     `cond`, `cond_ids`, `target_timesteps`). Without `need_output` the pass stops after the last requested
     layer (maps cost no more than the blocks they read); with it, it runs to the end and returns the velocity
-    (B, L, out_channels). `sites` caches or patches named values on the way (`flux_mini.interp`)."""
-    wanted, last = set(layers), max(layers)
-    passes = model.concept_pass(
-        img, img_ids, txt, txt_ids, timesteps, concept_txt,
-        **given(y=y, guidance=guidance, concept_y=concept_y, concept_ids=concept_ids, **conditioning),
-        attention=attention, cross_attention="cross_attention" in accumulator.spaces,
-        values="value" in accumulator.spaces, last_layer=None if need_output else last, sites=sites,
+    (B, L, out_channels). `sites` caches or patches named values on the way (`flux_mini.interp`). `maps_pass`
+    is `concept_pass_maps` or a compiled copy of it (the pipelines' `compile=`)."""
+    vector_layers = accumulator.vector_layers if accumulator.keep_vectors else frozenset()
+    velocity, maps, vectors = maps_pass(
+        model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, layers, accumulator.spaces,
+        accumulator.softmax, accumulator.normalize, vector_layers, guidance=guidance, concept_y=concept_y,
+        attention=attention, need_output=need_output, concept_ids=concept_ids, sites=sites, **conditioning,
     )  # fmt: skip
-    for layer in passes:
-        if layer.index in wanted:
-            accumulator.add(layer, step)
-        if not need_output and layer.index >= last:
-            return None
-    return model.velocity(layer)
+    for index, by_space in maps.items():
+        accumulator.add_maps(index, by_space, step, vectors.get(index))
+    return velocity
 
 
 def compute_concept_maps(

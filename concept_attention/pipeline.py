@@ -19,7 +19,14 @@ from torch import Tensor
 
 from concept_attention.encoding import check_concepts
 from concept_attention.images import to_rgb
-from concept_attention.maps import SPACES, MapAccumulator, check_layers, gaussian_blur3x3, run_concept_layers
+from concept_attention.maps import (
+    SPACES,
+    MapAccumulator,
+    check_layers,
+    concept_pass_maps,
+    gaussian_blur3x3,
+    run_concept_layers,
+)
 from concept_attention.pictures import heatmaps
 from flux_mini.flux2_pipeline import Flux2Pipeline, is_flux2_folder
 from flux_mini.flux3_pipeline import Flux3Pipeline, is_flux3_folder
@@ -76,9 +83,14 @@ class ConceptAttentionPipeline:
 
     def __init__(self, flux: FluxPipeline | Flux2Pipeline | Flux3Pipeline):
         self.flux = flux
+        options = flux.compile_options  # the generation's pipeline compiled its forward; the maps pass follows
+        self.maps_pass = concept_pass_maps if options is None else torch.compile(concept_pass_maps, **options)
 
     @classmethod
     def from_folder(cls, path: str | Path, **kwargs) -> ConceptAttentionPipeline:
+        """The generation's pipeline from `path` (keyword arguments go to its `from_folder`: device, dtype,
+        offload, variant, compile), wrapped. With compile=True the passes with maps (`concept_pass_maps`) are
+        compiled too, each as one graph."""
         if is_flux3_folder(path):
             pipeline = Flux3Pipeline
         else:
@@ -268,13 +280,15 @@ class ConceptAttentionPipeline:
     def _concept_pass(
         self, img, img_ids, inputs: dict, concept_txt, concept_extra: dict, accumulator, layers, **options
     ) -> Tensor | None:
-        """One concept pass with the model inputs of `prompt_inputs` and `step_inputs` (all by name)."""
+        """One concept pass with the model inputs of `prompt_inputs` and `step_inputs` (all by name). Passes with
+        interventions run eagerly: their Python sites objects would break the compiled graph at every site."""
         inputs = dict(inputs)
         txt, txt_ids, timesteps = inputs.pop("txt"), inputs.pop("txt_ids"), inputs.pop("timesteps")
         y = inputs.pop("y", None)  # run_concept_layers names Flux.1's pooled vector positionally
+        maps_pass = self.maps_pass if options["sites"] is NO_SITES else concept_pass_maps
         return run_concept_layers(
             self.flux.model, img, img_ids, txt, txt_ids, timesteps, y, concept_txt, accumulator, layers,
-            **inputs, **concept_extra, **options,
+            **inputs, **concept_extra, **options, maps_pass=maps_pass,
         )
 
     @staticmethod

@@ -37,6 +37,7 @@ from flux_mini.layers import (
     apply_rope,
     attention,
     concept_attention,
+    concept_heads,
     concept_layer,
     few_token_linear,
     few_token_mlp,
@@ -194,6 +195,10 @@ class SelfAttention(nn.Module):
     def heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return split_heads(qkv, self.num_heads, self.norm)
 
+    def concept_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`heads` for the concept stream's few tokens (the same values in fewer launches)."""
+        return concept_heads(qkv, self.num_heads, self.norm)
+
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
     """Linear -> GELU(tanh) -> Linear; indices 0 and 2 are the official keys."""
@@ -255,7 +260,8 @@ class DoubleStreamBlock(nn.Module):
     ) -> ConceptLayer:
         """The concept stream through this block's *text* weights; img_k is RoPE-rotated, img_q is not."""
         mod1, mod2 = self.txt_mod(concepts.vec)
-        q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
+        qkv = few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens))
+        q_c, k_c, v_c = self.txt_attn.concept_heads(qkv)
         q_c, k_c = sites("concept_q", q_c), sites("concept_k", k_c)
         o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)
@@ -302,10 +308,10 @@ class SingleStreamBlock(nn.Module):
         concept = self.concept_forward(concepts, q_raw[:, :, img], k[:, :, img], v[:, :, img], out[:, img], sites)
         return x_next, concept
 
-    def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def split(self, h: Tensor, heads=split_heads) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """linear1's output -> normalised q, k, raw v (B, H, L, Dh) and the MLP input (B, L, M)."""
         qkv, mlp_in = h.split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        return *split_heads(qkv, self.num_heads, self.norm), mlp_in
+        return *heads(qkv, self.num_heads, self.norm), mlp_in
 
     def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
         """linear2 of [attn ; mlp_act], as the sum of two products over the weight's column blocks:
@@ -318,7 +324,8 @@ class SingleStreamBlock(nn.Module):
     ) -> ConceptLayer:
         """Extension beyond the paper: concepts through this block's shared weights."""
         (mod,) = self.modulation(concepts.vec)
-        q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.modulate(concepts.tokens)))
+        projected = few_token_linear(self.linear1, mod.modulate(concepts.tokens))
+        q_c, k_c, v_c, mlp_c = self.split(projected, concept_heads)
         q_c, k_c = sites("concept_q", q_c), sites("concept_k", k_c)
         o_c = concept_attention(q_c, k_c, v_c, img_k, img_v, concepts.attention)
         o_c = sites("concept_attn", merge_heads(o_c))  # (B, r, D)

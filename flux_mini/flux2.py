@@ -47,6 +47,7 @@ from flux_mini.layers import (
     apply_rope,
     attention,
     concept_attention,
+    concept_heads,
     concept_layer,
     few_token_linear,
     few_token_mlp,
@@ -225,6 +226,10 @@ class SelfAttention(nn.Module):
         """Fused projection (B, L, 3D) -> normalised q, k and raw v, each (B, H, L, Dh)."""
         return split_heads(qkv, self.num_heads, self.norm)
 
+    def concept_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`heads` for the concept stream's few tokens (the same values in fewer launches)."""
+        return concept_heads(qkv, self.num_heads, self.norm)
+
 
 class SwiGLU(nn.Module):
     """(.., 2M) = [gate ; value] -> SiLU(gate) * value (.., M)."""
@@ -300,7 +305,8 @@ class DoubleStreamBlock(nn.Module):
     ) -> ConceptLayer:
         """The concept stream through the text weights and text modulation; img_k is rotated, img_q is not."""
         mod1, mod2 = mod.txt
-        q_c, k_c, v_c = self.txt_attn.heads(few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens)))
+        qkv = few_token_linear(self.txt_attn.qkv, mod1.modulate(concepts.tokens))
+        q_c, k_c, v_c = self.txt_attn.concept_heads(qkv)
         rotated_q = sites("concept_q", apply_rope(q_c, concepts.pe))
         rotated_k = sites("concept_k", apply_rope(k_c, concepts.pe))
         o_c = concept_attention(rotated_q, rotated_k, v_c, img_k, img_v, concepts.attention)
@@ -350,10 +356,10 @@ class SingleStreamBlock(nn.Module):
         )
         return x_next, concept
 
-    def split(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def split(self, h: Tensor, heads=split_heads) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """linear1's output -> normalised q, k, raw v (B, H, L, Dh) and the SwiGLU input (B, L, 2M)."""
         qkv, mlp_in = h.split([3 * self.hidden_size, 2 * self.mlp_hidden_dim], dim=-1)
-        return *split_heads(qkv, self.num_heads, self.norm), mlp_in
+        return *heads(qkv, self.num_heads, self.norm), mlp_in
 
     def output(self, attn: Tensor, mlp_act: Tensor) -> Tensor:
         """linear2 of [attn ; mlp_act] as the sum of two products over the weight's column blocks,
@@ -372,7 +378,8 @@ class SingleStreamBlock(nn.Module):
         sites: Sites,
     ) -> ConceptLayer:
         """Concepts through this block's weights and the shared single modulation; img_k rotated, img_q not."""
-        q_c, k_c, v_c, mlp_c = self.split(few_token_linear(self.linear1, mod.single.modulate(concepts.tokens)))
+        projected = few_token_linear(self.linear1, mod.single.modulate(concepts.tokens))
+        q_c, k_c, v_c, mlp_c = self.split(projected, concept_heads)
         rotated_q = sites("concept_q", apply_rope(q_c, concepts.pe))
         rotated_k = sites("concept_k", apply_rope(k_c, concepts.pe))
         o_c = concept_attention(rotated_q, rotated_k, v_c, img_k, img_v, concepts.attention)

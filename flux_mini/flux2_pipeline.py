@@ -32,7 +32,7 @@ from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux2 import Flux2, concept_position_ids
 from flux_mini.loading import load_flux
 from flux_mini.memory import RunSize, check_fits, estimate_bytes
-from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, prompt_list
+from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, compile_transformer, prompt_list
 from flux_mini.sampling import (
     check_seed,
     denoise_flux2,
@@ -194,6 +194,7 @@ class Flux2Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         offload: bool = False,
+        compile: bool | dict = False,
     ):
         self.model, self.autoencoder, self.text_encoder = model, autoencoder, text_encoder
         self.defaults = defaults
@@ -214,6 +215,7 @@ class Flux2Pipeline:
                     f"the components do not belong together: the transformer's {name} is {wanted}, but the "
                     f"component gives {given} (klein 4B needs Qwen3-4B, klein 9B Qwen3-8B, [dev] Mistral-Small)"
                 )
+        self.compile_options = compile_transformer(model, compile)
 
     @classmethod
     def from_folder(
@@ -223,9 +225,11 @@ class Flux2Pipeline:
         dtype: torch.dtype = torch.float32,
         offload: bool = False,
         variant: str | None = None,
+        compile: bool | dict = False,
     ) -> Flux2Pipeline:
         """Load every component of a FLUX.2 folder (module docstring). The autoencoder stays in float32;
-        the transformer and the text encoder use `dtype`. offload=True keeps idle stages on the CPU."""
+        the transformer and the text encoder use `dtype`. offload=True keeps idle stages on the CPU.
+        compile=True compiles the transformer's forward (as `FluxPipeline.from_folder`)."""
         files = Flux2Files.find(path)
         load_device = "cpu" if offload else device
         model = load_flux(files.transformer, dtype=dtype, device=load_device)
@@ -237,7 +241,7 @@ class Flux2Pipeline:
         values = {k: v for k, v in overrides.items() if k != "variant"}
         defaults = replace(FLUX2_VARIANTS[variant], **values)
         text_encoder = load_text_encoder(files, defaults.max_length, dtype, load_device)
-        return cls(model, autoencoder, text_encoder, defaults, variant, device, dtype, offload)
+        return cls(model, autoencoder, text_encoder, defaults, variant, device, dtype, offload, compile)
 
     # ------------------------------------------------------------------------------------------
     # Stages (on_device and to_pil are exactly Flux.1's)

@@ -207,6 +207,13 @@ class Block(nn.Module):
         precision = upcast(v.dtype)
         return self.norm.query_norm(q.to(precision)), self.norm.key_norm(k.to(precision)), v
 
+    def concept_heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`heads` for the concept stream's few tokens, q and k normalised together (fewer launches, the same
+        values) and cast to v's dtype (concepts skip RoPE, so nothing needs them in float32)."""
+        qk = rearrange(torch.stack((q, k)), "two b n (h d) -> two b h n d", h=self.num_heads)
+        q, k = self.norm.stacked(qk.to(upcast(v.dtype)), v)
+        return q, k, rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)
+
     def forward(
         self,
         x: Tensor,
@@ -252,8 +259,8 @@ class Block(nn.Module):
         attend as `concepts.attention` says, over [concepts ; image]."""
         c = concepts.tokens
         a = mod.modulate(c)
-        q_c, k_c, v_c = self.heads(*(few_token_linear(p, a) for p in (self.q_proj, self.k_proj, self.v_proj)))
-        q_c, k_c = sites("concept_q", q_c.to(v_c.dtype)), sites("concept_k", k_c.to(v_c.dtype))
+        q_c, k_c, v_c = self.concept_heads(*(few_token_linear(p, a) for p in (self.q_proj, self.k_proj, self.v_proj)))
+        q_c, k_c = sites("concept_q", q_c), sites("concept_k", k_c)
         mode = "self" if img_k is None else concepts.attention
         o_c = sites("concept_attn", merge_heads(concept_attention(q_c, k_c, v_c, img_k, img_v, mode)))
         mlp_c = swiglu(few_token_linear(self.mlp_in, a))

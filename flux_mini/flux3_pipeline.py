@@ -32,7 +32,7 @@ from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux3 import Flux3
 from flux_mini.loading import load_flux
 from flux_mini.memory import RunSize, check_fits, estimate_bytes
-from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite
+from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, compile_transformer
 from flux_mini.text_encoders import MissingFilesError, Qwen3VLEmbedder
 
 TRANSFORMER_FILES = ("flux3-*.safetensors", "flux-3-*.safetensors")
@@ -131,6 +131,7 @@ class Flux3Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         offload: bool = False,
+        compile: bool | dict = False,
     ):
         self.model, self.autoencoder, self.text_encoder = model, autoencoder, text_encoder
         self.variant = "flux3-klein" if model.config.flow_map else "flux3-klein-base"
@@ -149,15 +150,17 @@ class Flux3Pipeline:
                     f"the components do not belong together: the transformer's {name} is {wanted}, but the "
                     f"component gives {given} (FLUX.3 Klein needs the FLUX.2 AE and Qwen3-VL-4B-Instruct)"
                 )
+        self.compile_options = compile_transformer(model, compile)
 
     @classmethod
     def from_folder(
         cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        offload: bool = False, variant: str | None = None,
+        offload: bool = False, variant: str | None = None, compile: bool | dict = False,
     ) -> Flux3Pipeline:  # fmt: skip
         """Load every component of a FLUX.3 folder (module docstring). The autoencoder stays in float32; the
         transformer and the text encoder use `dtype`. offload=True keeps idle stages on the CPU. `variant` is
-        read from the transformer; when given it must match (a check, not a switch)."""
+        read from the transformer; when given it must match (a check, not a switch). compile=True compiles the
+        transformer's forward (as `FluxPipeline.from_folder`)."""
         files = Flux3Files.find(path)
         load_device = "cpu" if offload else device
         model = load_flux(files.transformer, dtype=dtype, device=load_device)
@@ -169,7 +172,7 @@ class Flux3Pipeline:
             raise ValueError(f"variant {variant!r} does not fit {files.transformer}, which is {found}")
         defaults = _defaults(found, files.sampling)
         text_encoder = Qwen3VLEmbedder(files.text_encoder, defaults.max_length, dtype, load_device, files.tokenizer)
-        return cls(model, autoencoder, text_encoder, defaults, device, dtype, offload)
+        return cls(model, autoencoder, text_encoder, defaults, device, dtype, offload, compile)
 
     # ------------------------------------------------------------------------------------------
     # Stages

@@ -82,7 +82,12 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.to(upcast(x.dtype)), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
+        return rms_normalize(x) * self.scale
+
+
+def rms_normalize(x: Tensor) -> Tensor:
+    """x / rms(x) over the last dim (eps 1e-6), statistics in float32 at least, in x's dtype; no gain."""
+    return F.rms_norm(x.to(upcast(x.dtype)), (x.shape[-1],), eps=1e-6).to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -94,6 +99,14 @@ class QKNorm(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
 
+    def stacked(self, qk: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """q and k stacked on a leading axis (2, ...) -> normalised q and k, the values of `forward`.
+
+        One normalisation instead of two: for the concept stream's few tokens each operation costs a
+        kernel launch on a GPU, not arithmetic."""
+        q, k = rms_normalize(qk)
+        return (q * self.query_norm.scale).to(v), (k * self.key_norm.scale).to(v)
+
 
 @dataclass
 class ModulationOut:
@@ -103,8 +116,11 @@ class ModulationOut:
     scale: Tensor
     gate: Tensor
 
+    def __post_init__(self) -> None:
+        self.gain = 1 + self.scale  # once per set: FLUX.2 and FLUX.3 share one set across all blocks of a kind
+
     def modulate(self, x: Tensor) -> Tensor:
-        return torch.addcmul(self.shift, 1 + self.scale, layer_norm(x))
+        return torch.addcmul(self.shift, self.gain, layer_norm(x))
 
     def residual(self, x: Tensor, branch: Tensor) -> Tensor:
         """x + gate * branch, fused."""
@@ -128,6 +144,13 @@ def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tens
     q, k, v = rearrange(qkv, "b l (k h d) -> k b l h d", k=3, h=num_heads)
     q, k = norm(q, k, v)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def concept_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """`split_heads` for the concept stream's few tokens: the same values, q and k normalised together."""
+    qkv = rearrange(qkv, "b l (k h d) -> k b l h d", k=3, h=num_heads)
+    q, k = norm.stacked(qkv[:2], qkv[2])
+    return q.transpose(1, 2), k.transpose(1, 2), qkv[2].transpose(1, 2)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -185,16 +208,16 @@ class ConceptLayer:
 def concept_attention(q_c: Tensor, k_c: Tensor, v_c: Tensor, k_img: Tensor, v_img: Tensor, mode: str) -> Tensor:
     """Only the r concept query rows, (B, H, r, Dh), over [concept ; image] keys (or one of the two).
 
-    The two key blocks share one softmax but are never concatenated: the image keys and values are
-    read where they are, which halves the cost of this step for a few concepts over many image tokens."""
+    One SDPA call: on a GPU a few concept queries cost kernel launches, not arithmetic, so the image keys and
+    values are copied behind the concept keys once per block (one copy of the image's k and v) instead of
+    scoring the two key blocks apart and merging them (four products, a concatenation, a softmax, a sum)."""
     if mode == "none":
         return v_c
-    sources = {"both": ((k_c, v_c), (k_img, v_img)), "self": ((k_c, v_c),), "cross": ((k_img, v_img),)}[mode]
-    scale = q_c.shape[-1] ** -0.5
-    scores = torch.cat([q_c @ k.transpose(-1, -2) for k, _ in sources], dim=-1) * scale  # (B, H, r, keys)
-    weights = scores.to(upcast(scores.dtype)).softmax(dim=-1).to(q_c.dtype)
-    parts = weights.split([k.shape[2] for k, _ in sources], dim=-1)
-    return sum(w @ v for w, (_, v) in zip(parts, sources))
+    if mode == "self":  # few_token_linear's outputs are transposed; fused SDPA kernels need a unit last stride
+        return attention(q_c, k_c, v_c.contiguous())
+    if mode == "cross":
+        return attention(q_c, k_img, v_img)
+    return attention(q_c, torch.cat((k_c, k_img), dim=2), torch.cat((v_c, v_img), dim=2))
 
 
 def linear_weight(layer: nn.Module) -> Tensor:

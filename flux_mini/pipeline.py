@@ -238,6 +238,29 @@ def prompt_list(prompt: str | list[str]) -> list[str]:
     return list(prompts)
 
 
+def compile_options(compile: bool | dict) -> dict | None:
+    """A pipeline's `compile=` -> the keyword arguments of `torch.compile`, or None to run eagerly.
+
+    True: torch.compile's defaults (inductor); a dict: its options, e.g. {"mode": "max-autotune"} or
+    {"backend": "eager", "fullgraph": True}."""
+    if compile is False:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, dict):
+        return dict(compile)
+    raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+
+
+def compile_transformer(model: nn.Module, compile: bool | dict) -> dict | None:
+    """Compile `model`'s forward in place when asked (`nn.Module.compile`: the module, its state_dict keys and
+    its other methods stay as they are) and return the options used, for the concept-map pass to reuse."""
+    options = compile_options(compile)
+    if options is not None:
+        model.compile(**options)
+    return options
+
+
 class FluxPipeline:
     """Flux text-to-image. Every stage is a method, so other pipelines can reuse and rearrange them."""
 
@@ -252,6 +275,7 @@ class FluxPipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         offload: bool = False,
+        compile: bool | dict = False,
     ):
         self.model, self.autoencoder, self.t5, self.clip = model, autoencoder, t5, clip
         self.defaults = defaults
@@ -271,6 +295,7 @@ class FluxPipeline:
                     f"component gives {given}. (Fill/Canny/Depth transformers take extra image inputs and "
                     "are not text-to-image models.)"
                 )
+        self.compile_options = compile_transformer(model, compile)
 
     @property
     def is_schnell(self) -> bool:
@@ -284,13 +309,15 @@ class FluxPipeline:
         dtype: torch.dtype = torch.float32,
         offload: bool = False,
         variant: str | None = None,
+        compile: bool | dict = False,
     ) -> FluxPipeline:
         """Load every component from a model folder (see the module docstring for the layouts).
 
         variant: "schnell" (T5 length 256, 4 steps, no shift) or "dev" (512, 50 steps, shifted, guidance
         3.5); by default "dev" exactly when the transformer has a guidance embedder. The autoencoder
         stays in float32 (its file's dtype); the transformer and the text encoders use `dtype`.
-        offload=True keeps all but the running stage on the CPU."""
+        offload=True keeps all but the running stage on the CPU. compile=True compiles the transformer's
+        forward with `torch.compile` (a dict: its options; see `compile_options`); the first call compiles."""
         if variant not in (None, *VARIANTS):
             raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)} or None (auto)")
         files = ModelFiles.find(path)
@@ -305,7 +332,7 @@ class FluxPipeline:
         with quiet_transformers():
             t5 = T5Embedder(files.t5, defaults.t5_max_length, dtype, load_device, files.t5_tokenizer)
             clip = CLIPEmbedder(files.clip, defaults.clip_max_length, dtype, load_device, files.clip_tokenizer)
-        return cls(model, autoencoder, t5, clip, defaults, variant, device, dtype, offload)
+        return cls(model, autoencoder, t5, clip, defaults, variant, device, dtype, offload, compile)
 
     # ------------------------------------------------------------------------------------------
     # Stages
