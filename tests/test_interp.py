@@ -462,7 +462,7 @@ def test_concept_pipelines_take_interventions(demo):
     out = pipe.generate_image(settings.prompt, concepts, **run, interventions=cached)
     assert torch.equal(out.concept_maps, plain.concept_maps)
     assert np.array_equal(np.asarray(out.image), np.asarray(plain.image))
-    assert list(out.cache) == [1] and out.cache[1]["double_blocks.3.concepts"].shape == (1, 3, model.config.hidden_size)
+    assert list(out.cache) == [1] and out.cache[1]["double_blocks.3.concepts"].shape == (1, len(concepts), model.config.hidden_size)
     heads = Interventions(model, patches={"double_blocks.*.img_attn": ablate_heads([0, 1], model.config.num_heads)})
     ablated = pipe.generate_image(settings.prompt, concepts, **run, interventions=heads)
     assert not torch.allclose(ablated.concept_maps, plain.concept_maps)

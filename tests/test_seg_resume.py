@@ -86,7 +86,8 @@ def test_large_weight_files_are_sampled_but_any_retrained_region_counts(tmp_path
 
 def test_resume_with_other_data_is_refused(tmp_path):
     assert background_only(tmp_path) == 0
-    with pytest.raises(SystemExit, match=r"differs in: data\.seed \(1 -> 7\)"):
+    # another stream: other images (the generator's digest of the first image) and another seed
+    with pytest.raises(SystemExit, match=r"differs in: data\.first_image_sha256 \(.*\), data\.seed \(1 -> 7\)"):
         run("--dataset", "shapes", "--data", "3:7", "--methods", "predict_background", "--out", str(tmp_path))
 
 
