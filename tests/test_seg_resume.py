@@ -133,6 +133,25 @@ def test_a_folder_written_before_identities_resumes_when_the_rest_matches(tmp_pa
                  plots=False)
 
 
+def test_a_folder_written_before_map_resample_resumes_as_nearest(tmp_path):
+    """Such a folder upsampled its maps by nearest: a nearest protocol resumes it, a bilinear one (today's shapes
+    presets) is refused rather than mixing the two in one table."""
+    data = painted_dataset(3)
+    config = EvalConfig("painted", protocol(), methods=("concept_attention",))
+    assert config.protocol.map_resample == "nearest"
+    evaluate(data, PaintedProvider(), config, tmp_path, progress=False, plots=False, limit=2)
+    path = tmp_path / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["protocol"]["map_resample"]
+    path.write_text(json.dumps(stored))
+    bilinear = replace(config, protocol=protocol(map_resample="bilinear"))
+    with pytest.raises(EvalError, match=r"differs in: map_resample \('nearest' -> 'bilinear'\)"):
+        evaluate(data, PaintedProvider(), bilinear, tmp_path, progress=False, plots=False)
+    provider = PaintedProvider()
+    summary = evaluate(data, provider, config, tmp_path, progress=False, plots=False)
+    assert len(provider.calls) == 1 and summary["concept_attention"]["n_images"] == 3
+
+
 # ---- a failed start blocks nothing -----------------------------------------------------------------------------
 
 def test_a_failed_start_writes_no_configuration(tmp_path):

@@ -503,6 +503,8 @@ def _start(out_dir: Path, wanted: dict, ids: list[str], dataset: Sequence[SegSam
         return {}
     legacy = "data" not in stored            # written before runs recorded their model, dtype and data
     stored = {"baseline": None, **stored}     # folders written before baselines existed
+    if "protocol" in stored:                  # before map_resample existed, maps were upsampled by nearest
+        stored["protocol"] = {"map_resample": "nearest", **stored["protocol"]}
     if legacy:
         stored = {**stored, "sources": wanted["sources"], "data": wanted["data"]}
     changed = differences(stored, wanted)
