@@ -247,31 +247,40 @@ def background_texture(background: str, n: int, rng: np.random.Generator) -> np.
     return np.clip(base, 0, 255).astype(np.float64)
 
 
-def depth_inside(region: np.ndarray) -> np.ndarray:
-    """(n, n) float in [0, 1]: each pixel's distance to the nearest pixel outside `region` (pixel centres),
-    divided by the largest such distance in the region; 0 outside. A pure function of the outline."""
+def outline_distance(region: np.ndarray) -> np.ndarray:
+    """(n, n) float: each pixel's distance (pixel centres) to the nearest pixel outside `region`, 0 outside.
+    Pixels on the outline are at distance 1. A pure function of the outline."""
     grown = region.copy()  # the nearest outside pixel always touches the region: search only that rim
     grown[1:] |= region[:-1]
     grown[:-1] |= region[1:]
     grown[:, 1:] |= region[:, :-1]
     grown[:, :-1] |= region[:, 1:]
     inside, outside = np.argwhere(region), np.argwhere(grown & ~region)
-    depth = np.zeros(region.shape)
+    distance = np.zeros(region.shape)
     if len(inside) and len(outside):
-        gaps = np.sqrt(((inside[:, None, :] - outside[None, :, :]) ** 2).sum(-1)).min(axis=1)  # (inside,)
-        depth[region] = gaps / gaps.max()
-    return depth
+        distance[region] = np.sqrt(((inside[:, None, :] - outside[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    return distance
+
+
+BAND_PERIOD = 3.0  # pixels from one dark contour band to the next
+
+
+def contour_light(region: np.ndarray) -> np.ndarray:
+    """(n, n) brightness factor in [0.88, 1.1]: dark at the outline, then alternating light and dark bands
+    every BAND_PERIOD pixels inwards, like the contour lines of a map (1 outside the region)."""
+    phase = 2 * np.pi * (outline_distance(region) - 1) / BAND_PERIOD
+    return np.where(region, 0.99 - 0.11 * np.cos(phase), 1.0)
 
 
 def object_pixels(colour: str, region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(n, n, 3) float: the named colour, jittered per object, shaded like a cushion: darker at the outline,
-    brighter towards the middle (factor 0.88 to 1.1 by `depth_inside`). The shading is a function of the
-    outline only, so every pixel of an object, not just its edge, shows which shape it belongs to, while its
-    colour still names its colour (dark yellow stays nearer yellow than orange)."""
+    """(n, n, 3) float: the named colour, jittered per object, shaded in contour bands that follow the
+    outline (`contour_light`). Why: with flat or smoothly shaded objects only the pixels at the edge show the
+    shape, and a tiny model never learns it; bands follow the outline everywhere inside (round in a circle,
+    straight with corners in a square or triangle), so each patch shows which shape it belongs to, while
+    its colour still names its colour (a dark yellow band stays nearer yellow than orange)."""
     n = region.shape[0]
     colour = np.array(COLOURS[colour], dtype=np.float64) + rng.normal(0, 6, size=3)
-    light = 0.88 + 0.22 * depth_inside(region)
-    pixels = colour * light[..., None] + rng.normal(0, 4, size=(n, n, 3))
+    pixels = colour * contour_light(region)[..., None] + rng.normal(0, 4, size=(n, n, 3))
     return np.clip(pixels, 0, 255)
 
 

@@ -256,23 +256,42 @@ class AutoEncoder(nn.Module):
 
 
 class IdentityAutoEncoder(nn.Module):
-    """The autoencoder of pixel-space models: latents are the pixels (f = 1), with the same interface."""
+    """The autoencoder of pixel-space models: latents are the pixels, with the same interface.
 
-    def __init__(self, channels: int = 3):
+    `downsample` > 1 folds each f x f block of pixels into channels (space to depth, lossless): the
+    transformer's 2x2 patches then cover 2f x 2f pixels, so each token sees more of an object."""
+
+    def __init__(self, channels: int = 3, downsample: int = 1):
         super().__init__()
-        self.z_channels = channels
-        self.downsample_factor = 1
+        if downsample < 1:
+            raise ValueError(f"downsample must be a positive integer, got {downsample}")
+        self.image_channels = channels
+        self.downsample_factor = downsample
+        self.z_channels = channels * downsample * downsample
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_image(x, self.z_channels, "x")
-        return x
+        """x (B, C, H, W) -> z (B, C*f*f, H/f, W/f)."""
+        _check_image(x, self.image_channels, "x")
+        f = self.downsample_factor
+        if f == 1:
+            return x
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of the downsample factor {f}")
+        return rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=f, q=f)
 
     def decode(self, z: Tensor) -> Tensor:
+        """z (B, C*f*f, h, w) -> x (B, C, h*f, w*f)."""
         _check_image(z, self.z_channels, "z")
-        return z
+        f = self.downsample_factor
+        if f == 1:
+            return z
+        return rearrange(z, "b (c p q) h w -> b c (h p) (w q)", p=f, q=f)
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"channels": self.z_channels}) + "\n")
+        config = {"channels": self.image_channels}
+        if self.downsample_factor != 1:
+            config["downsample"] = self.downsample_factor
+        Path(path).write_text(json.dumps(config) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> IdentityAutoEncoder:
@@ -280,11 +299,16 @@ class IdentityAutoEncoder(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; write it with IdentityAutoEncoder(channels).save_json()")
         try:
-            channels = int(json.loads(path.read_text())["channels"])
+            config = json.loads(path.read_text())
+            unknown = set(config) - {"channels", "downsample"}
+            channels, downsample = int(config["channels"]), int(config.get("downsample", 1))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            message = f'{path} is not an identity-autoencoder config; expected JSON like {{"channels": 3}}'
+            unknown = None
+        if unknown is None or unknown or downsample < 1:
+            message = (f'{path} is not an identity-autoencoder config; expected JSON like {{"channels": 3}} '
+                       f'or {{"channels": 3, "downsample": 2}}')
             raise ValueError(message) from None
-        return cls(channels)
+        return cls(channels, downsample)
 
 
 def _check_image(x: Tensor, channels: int, name: str) -> None:

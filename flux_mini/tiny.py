@@ -239,6 +239,7 @@ def build_tiny_weights(
     guidance_embed: bool = False,
     pixel_space: bool = False,
     t5_max_length: int = TINY_T5_MAX_LENGTH,
+    pixel_downsample: int = 1,
 ) -> Path:
     """Write a complete random tiny model in the official single-file layout and return the folder:
 
@@ -249,7 +250,8 @@ def build_tiny_weights(
                                  image size the model is meant for (32x32), so that
                                  `flux-mini generate --weights DIR` runs in seconds
 
-    Deterministic for a seed; no downloads. guidance_embed=True gives a dev-family (guidance) model."""
+    Deterministic for a seed; no downloads. guidance_embed=True gives a dev-family (guidance) model;
+    pixel_downsample folds f x f pixels into the latent channels of a pixel-space model."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     t5_dim, clip_dim = 48, 32
@@ -257,7 +259,7 @@ def build_tiny_weights(
     build_tiny_clip(folder / "clip", seed=seed + 2, hidden_size=clip_dim)
 
     if pixel_space:
-        autoencoder = IdentityAutoEncoder(channels=3)
+        autoencoder = IdentityAutoEncoder(channels=3, downsample=pixel_downsample)
         autoencoder.save_json(folder / "identity-autoencoder.json")
     else:
         autoencoder = randomize_(AutoEncoder(tiny_autoencoder_config()), seed + 3, std=0.05)

@@ -36,12 +36,19 @@ T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
 
 
-def demo_flux_config(depth: int = 4, depth_single_blocks: int = 1, hidden_size: int = 96) -> FluxConfig:
+def demo_flux_config(
+    depth: int = 4, depth_single_blocks: int = 1, hidden_size: int = 96, patch: int = 2
+) -> FluxConfig:
     """1.6M parameters at hidden 96: 4 double blocks (where ConceptAttention reads) and 1 single block, so
-    that a step takes well under a second on one core. Heads of 24 channels (RoPE axes 8/8/8)."""
+    that a step takes well under a second on one core. Heads of 24 channels (RoPE axes 8/8/8). A token
+    covers patch x patch RGB pixels (4: the autoencoder folds 2x2 pixels into channels first)."""
+    if patch not in (2, 4):
+        raise ValueError(f"patch must be 2 or 4 pixels, got {patch}")
+    if hidden_size % 24:
+        raise ValueError(f"hidden size {hidden_size} must be a multiple of 24 (heads of 24 channels)")
     return FluxConfig(
-        in_channels=12,  # 2x2 patches of RGB pixels
-        out_channels=12,
+        in_channels=3 * patch * patch,
+        out_channels=3 * patch * patch,
         vec_in_dim=CLIP_DIM,
         context_in_dim=T5_DIM,
         hidden_size=hidden_size,
@@ -146,16 +153,24 @@ def to_pixels(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def shapes_data(encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED):
+def pixel_autoencoder(patch: int) -> IdentityAutoEncoder:
+    """The pixel-space 'autoencoder' that makes the transformer's 2x2 patches cover patch x patch pixels."""
+    return IdentityAutoEncoder(channels=3, downsample=patch // 2)
+
+
+def shapes_data(
+    encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED, patch: int = 2
+):
     """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step. Curriculum: the
     first `single_object_steps` batches show one object per image (each shape word alone with its outline)."""
     single, mixed = ShapesConfig(two_object_prob=0.0), ShapesConfig()
+    autoencoder = pixel_autoencoder(patch)
 
     def data(step: int) -> Batch:
         config = single if step < single_object_steps else mixed
         samples = [make_sample(seed, step * batch_size + i, config) for i in range(batch_size)]
         txt, y = encoder([s.caption for s in samples])
-        return Batch(to_pixels([s.image for s in samples]), txt, y)
+        return Batch(autoencoder.encode(to_pixels([s.image for s in samples])), txt, y)
 
     return data
 
@@ -178,7 +193,8 @@ def export_folder(model: Flux, text_folder: Path, out: Path, dtype: torch.dtype 
     """flux1-demo.safetensors + flux_config.json + identity-autoencoder.json + sampling.json + t5/ + clip/."""
     out.mkdir(parents=True, exist_ok=True)
     export_transformer(model, out, "flux1-demo", dtype=dtype)
-    IdentityAutoEncoder(channels=3).save_json(out / "identity-autoencoder.json")
+    patch = 2 if model.config.in_channels == 12 else 4
+    pixel_autoencoder(patch).save_json(out / "identity-autoencoder.json")
     (out / "sampling.json").write_text(json.dumps({"t5_max_length": T5_MAX_LENGTH, "num_steps": 16, "width": 32, "height": 32}) + "\n")
     for name in ("t5", "clip"):
         shutil.copytree(text_folder / name, out / name, dirs_exist_ok=True)
@@ -220,6 +236,7 @@ def main() -> None:
     group.add_argument("--depth", type=int, default=4, help="double blocks")
     group.add_argument("--single-depth", type=int, default=1, help="single blocks")
     group.add_argument("--single-object-steps", type=int, default=0, help="curriculum: one object per image first")
+    group.add_argument("--patch", type=int, default=2, choices=(2, 4), help="pixels per token side")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")
@@ -252,6 +269,8 @@ def main() -> None:
     else:
         recipe = {"batch_size": args.batch_size, "hidden": args.hidden, "depth": args.depth,
                   "single_depth": args.single_depth, "single_object_steps": args.single_object_steps, "world": world}
+        if args.patch != 2:  # recipes written before --patch existed are 2x2
+            recipe["patch"] = args.patch
         work.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     if not (work / "t5").exists():
@@ -267,7 +286,7 @@ def main() -> None:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
         config = TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, ema_decay=0.998)
-        flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"])
+        flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe.get("patch", 2))
         model = zero_init_modulation_(Flux(flux_config)).to(args.device)
         trainer = Trainer(model, config, Conditioning(null_txt.to(args.device), null_y.to(args.device)))
     print(f"model {parameter_count(trainer.model)} parameters, {json.dumps(trainer.model.config.to_dict())}")
@@ -280,7 +299,7 @@ def main() -> None:
 
     if trainer.step == 0:
         export(trainer)  # the untrained model (weights/demo-untrained)
-    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"])
+    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=recipe.get("patch", 2))
     trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, export)
 
 

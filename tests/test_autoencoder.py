@@ -312,3 +312,31 @@ def test_identity_autoencoder(tmp_path):
     path.write_text('{"chanels": 3}')
     with pytest.raises(ValueError, match="not an identity-autoencoder config"):
         IdentityAutoEncoder.from_json(path)
+
+
+def test_space_to_depth_autoencoder(tmp_path):
+    """downsample f: channel c*f*f + p*f + q of latent pixel (i, j) is image pixel (c, i*f + p, j*f + q)."""
+    ae = IdentityAutoEncoder(channels=3, downsample=2)
+    assert ae.z_channels == 12 and ae.downsample_factor == 2
+    x = torch.randn(2, 3, 6, 10)
+    z = ae.encode(x)
+    assert z.shape == (2, 12, 3, 5)
+    for c, p, q, i, j in [(0, 0, 0, 0, 0), (2, 1, 0, 2, 4), (1, 0, 1, 1, 3), (2, 1, 1, 2, 0)]:
+        assert z[1, c * 4 + p * 2 + q, i, j] == x[1, c, i * 2 + p, j * 2 + q]
+    assert torch.equal(ae.decode(z), x)
+    with pytest.raises(ValueError, match="not a multiple of the downsample factor 2"):
+        ae.encode(torch.zeros(1, 3, 5, 4))
+    with pytest.raises(ValueError, match=r"z must be \(B, 12, H, W\)"):
+        ae.decode(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="positive"):
+        IdentityAutoEncoder(channels=3, downsample=0)
+
+    path = tmp_path / "identity-autoencoder.json"
+    ae.save_json(path)
+    assert json.loads(path.read_text()) == {"channels": 3, "downsample": 2}
+    loaded = IdentityAutoEncoder.from_json(path)
+    assert (loaded.z_channels, loaded.downsample_factor) == (12, 2)
+    for bad in ('{"channels": 3, "downsample": 0}', '{"channels": 3, "downsampling": 2}', '[3]'):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="not an identity-autoencoder config"):
+            IdentityAutoEncoder.from_json(path)

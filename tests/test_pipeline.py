@@ -185,6 +185,21 @@ def test_pixel_space_model(tmp_path):
         pipe(PROMPT, width=7, height=6, progress=False)
 
 
+def test_pixel_space_model_with_4x4_pixel_tokens(tmp_path):
+    """A space-to-depth pixel autoencoder (f = 2): each token is a 4x4 block of pixels, channels (c py px)."""
+    pipe = FluxPipeline.from_folder(build_tiny_weights(tmp_path, seed=2, pixel_space=True, pixel_downsample=2))
+    assert pipe.autoencoder.downsample_factor == 2 and pipe.model.config.in_channels == 48
+    img, img_ids = pipe.prepare_latents(1, 8, 12, seed=0)
+    assert img.shape == (1, 2 * 3, 48) and img_ids[0, -1].tolist() == [0, 1, 2]
+    tokens = pipe.denoise(img, img_ids, *pipe.encode_prompt(PROMPT), [1.0, 0.0], progress=False)
+    images = pipe.decode_tokens(tokens, 8, 12)
+    # token channel (c, p, q, py, px): latent channel c*4 + p*2 + q of the 2x2 patch, pixel row 4h + 2py + p
+    manual = tokens.reshape(1, 2, 3, 3, 2, 2, 2, 2).permute(0, 3, 1, 6, 4, 2, 7, 5).reshape(1, 3, 8, 12)
+    torch.testing.assert_close(images, manual.clamp(-1, 1))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pipe(PROMPT, width=6, height=8, progress=False)
+
+
 def test_missing_components_are_named(schnell_folder, tmp_path):
     folder = shutil.copytree(schnell_folder, tmp_path / "model")
     shutil.rmtree(folder / "clip")

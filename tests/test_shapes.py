@@ -16,14 +16,16 @@ from PIL import Image
 from concept_attention.shapes import (
     BACKGROUND_COLOURS,
     BACKGROUNDS,
+    BAND_PERIOD,
     COLOUR_RULE_SHAPES,
     COLOURS,
     SHAPES,
     ShapesConfig,
     ShapesDataset,
     colour_rule_scores,
-    depth_inside,
+    contour_light,
     make_sample,
+    outline_distance,
     vocabulary,
 )
 
@@ -210,25 +212,39 @@ def test_colour_rule_is_at_chance_on_shape_words():
     assert set(COLOUR_RULE_SHAPES) == set(COLOURS) and set(COLOUR_RULE_SHAPES.values()) == set(SHAPES)
 
 
-def test_depth_inside_is_the_distance_to_the_outline_by_hand():
+def test_outline_distance_by_hand():
     region = np.zeros((9, 9), bool)
     region[2:7, 2:7] = True                                      # a 5x5 square: rings at distance 1, 2, 3
-    depth = depth_inside(region)
-    assert depth[4, 4] == 1.0 and depth[2, 2] == depth[2, 4] == depth[6, 3] == 1 / 3 and depth[3, 4] == 2 / 3
-    assert (depth[~region] == 0).all()
-    bar = np.zeros((9, 9), bool)
-    bar[4, 1:8] = True                                           # one pixel thick: every pixel touches the outside
-    assert (depth_inside(bar)[bar] == 1.0).all()
+    distance = outline_distance(region)
+    assert distance[4, 4] == 3 and distance[2, 2] == distance[2, 4] == distance[6, 3] == 1 and distance[3, 4] == 2
+    assert (distance[~region] == 0).all()
+    ell = np.zeros((9, 9), bool)
+    ell[4, 4] = ell[3, 4] = ell[4, 3] = True                     # an L: every pixel touches the outside
+    assert (outline_distance(ell)[ell] == 1).all()
+
+
+def test_contour_bands_by_hand():
+    """Dark (0.88) on the outline and every BAND_PERIOD pixels inwards, light (1.1) half a period inside."""
+    region = np.zeros((16, 16), bool)
+    region[1:15, 1:15] = True                                    # 14x14 square: distances 1..7
+    light = contour_light(region)
+    distance = outline_distance(region)
+    expected = 0.99 - 0.11 * np.cos(2 * np.pi * (distance - 1) / BAND_PERIOD)
+    np.testing.assert_allclose(light[region], expected[region])
+    assert np.isclose(light[1, 5], 0.88) and np.isclose(light[1 + int(BAND_PERIOD), 5], 0.88)
+    assert light[0, 0] == 1.0 and light.min() >= 0.88 - 1e-12 and light.max() <= 1.1 + 1e-12
 
 
 @settings(max_examples=20, deadline=None)
 @given(seeds, indices)
-def test_objects_are_shaded_by_their_outline(seed, index):
-    """Inside every object, the pixels deep inside are brighter than those on the outline (the cushion
-    shading), so the shape shows everywhere in the object, not only at its edge."""
+def test_objects_are_banded_along_their_outline(seed, index):
+    """Inside every object, pixels on dark bands (outline distance 1, 4, 7, ...) are darker than pixels half a
+    period further in, so the outline's shape shows everywhere in the object, not only at its edge."""
     sample = make_sample(seed, index)
     brightness = np.asarray(sample.image, dtype=np.float64).sum(-1)
     for label in range(1, len(sample.class_names)):
-        depth = depth_inside(sample.mask == label)
-        deep, rim = brightness[depth > 0.7], brightness[(sample.mask == label) & (depth < 0.3)]
-        assert deep.mean() > rim.mean() + 15
+        phase = (outline_distance(sample.mask == label) - 1) % BAND_PERIOD
+        inside = sample.mask == label
+        dark, light = brightness[inside & (phase < 0.5)], brightness[inside & (np.abs(phase - 1.5) < 0.5)]
+        if len(light):
+            assert dark.mean() < light.mean() - 25
