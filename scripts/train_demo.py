@@ -237,6 +237,8 @@ def main() -> None:
     group.add_argument("--single-depth", type=int, default=1, help="single blocks")
     group.add_argument("--single-object-steps", type=int, default=0, help="curriculum: one object per image first")
     group.add_argument("--patch", type=int, default=2, choices=(2, 4), help="pixels per token side")
+    group.add_argument("--caption-dropout", type=float, default=0.1,
+                       help="fraction of samples trained on the empty prompt (the shape must then come from the image)")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")
@@ -271,6 +273,8 @@ def main() -> None:
                   "single_depth": args.single_depth, "single_object_steps": args.single_object_steps, "world": world}
         if args.patch != 2:  # recipes written before --patch existed are 2x2
             recipe["patch"] = args.patch
+        if args.caption_dropout != 0.1:  # likewise: 0.1 before --caption-dropout existed
+            recipe["caption_dropout"] = args.caption_dropout
         work.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     if not (work / "t5").exists():
@@ -285,7 +289,8 @@ def main() -> None:
     else:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
-        config = TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, ema_decay=0.998)
+        config = TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, ema_decay=0.998,
+                             caption_dropout=recipe.get("caption_dropout", 0.1))
         flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe.get("patch", 2))
         model = zero_init_modulation_(Flux(flux_config)).to(args.device)
         trainer = Trainer(model, config, Conditioning(null_txt.to(args.device), null_y.to(args.device)))

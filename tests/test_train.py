@@ -258,3 +258,30 @@ def test_shipped_demo_model_loads_strictly_and_draws_its_captions():
         assert 0.05 < shares[colour] < 0.6, (caption, shares)
         dominant += max(colours, key=shares.get) == colour
     assert dominant >= 3  # measured: 3 of 4 (the blue square at night comes out blue and pink)
+
+
+def test_demo_recipe_with_4x4_pixel_tokens_and_more_caption_dropout(tmp_path, monkeypatch):
+    """--patch 4 and --caption-dropout reach recipe.json, the trainer, the data and the exported folder."""
+    demo = load_train_demo()
+    work = tmp_path / "p4"
+    monkeypatch.setattr("sys.argv", [
+        "train_demo.py", "--work-dir", str(work), "--steps", "1", "--hidden", "24", "--depth", "1", "--single-depth",
+        "0", "--batch-size", "2", "--patch", "4", "--caption-dropout", "0.5", "--export-every", "1", "--device", "cpu",
+    ])
+    demo.main()
+    recipe = json.loads((work / "recipe.json").read_text())
+    assert (recipe["patch"], recipe["caption_dropout"]) == (4, 0.5)
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["train_config"]["caption_dropout"] == 0.5
+
+    from flux_mini.pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_folder(work / "exports" / "step-000001")
+    assert pipe.autoencoder.downsample_factor == 2 and pipe.model.config.in_channels == 48
+    encoder = demo.CaptionEncoder(work)
+    latents = demo.shapes_data(encoder, batch_size=1, patch=4)(0).latents       # (1, 12, 16, 16)
+    from concept_attention.shapes import make_sample
+
+    pixels = demo.to_pixels([make_sample(0, 0).image])                            # (1, 3, 32, 32)
+    assert latents.shape == (1, 12, 16, 16)
+    for c, p, q, i, j in [(0, 0, 0, 0, 0), (1, 1, 0, 7, 3), (2, 1, 1, 15, 9)]:
+        assert latents[0, c * 4 + p * 2 + q, i, j] == pixels[0, c, 2 * i + p, 2 * j + q]
