@@ -171,11 +171,11 @@ def test_export_is_the_official_layout_and_loads_strictly(tmp_path):
     assert not all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
-def load_train_demo():
+def load_train_demo(name: str = "train_demo"):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
-    spec = importlib.util.spec_from_file_location("train_demo", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -285,3 +285,15 @@ def test_demo_recipe_with_4x4_pixel_tokens_and_more_caption_dropout(tmp_path, mo
     assert latents.shape == (1, 12, 16, 16)
     for c, p, q, i, j in [(0, 0, 0, 0, 0), (1, 1, 0, 7, 3), (2, 1, 1, 15, 9)]:
         assert latents[0, c * 4 + p * 2 + q, i, j] == pixels[0, c, 2 * i + p, 2 * j + q]
+
+
+def test_drawing_probe_names_the_shape_of_every_dataset_object():
+    """scripts/probe_demo.py judges a drawn shape by how much of its bounding box it fills: on the dataset's own
+    single objects (every shape, colour and size) it must always be right, or its 'drawn as asked' means nothing."""
+    probe = load_train_demo("probe_demo")
+    from concept_attention.shapes import ShapesConfig, make_sample
+
+    samples = [make_sample(7, i, ShapesConfig(two_object_prob=0.0)) for i in range(90)]
+    assert {s.class_names[1] for s in samples} == {"circle", "square", "triangle"}
+    assert all(probe.drawn_shape(s.image, s.colours[0]) == s.class_names[1] for s in samples)
+    assert probe.drawn_shape(samples[0].image, "pink" if samples[0].colours[0] != "pink" else "red") is None

@@ -1,0 +1,120 @@
+"""Quick probes of a demo-model export (issue 14: does a CPU-sized Flux learn shapes?), faster than the
+benchmark and per layer. All on image stream 2 (training uses 0), empty prompt, encode mode, 2 noise samples,
+maps upsampled bilinearly, as the shapes-binding preset.
+
+    PYTHONPATH=. python scripts/probe_demo.py binding WORK/exports/step-010000 --images 30
+    PYTHONPATH=. python scripts/probe_demo.py recognition WORK/exports/step-010000
+    PYTHONPATH=. python scripts/probe_demo.py drawing WORK/exports/step-010000
+
+binding:      two-object images with two different shape words (then: two different colour words), offered
+              [background, word 1, word 2]: % of object pixels on their own word, per layer and for the mean
+              of the double blocks (the benchmark's maps).
+recognition:  single-object images offered [background, circle, square, triangle]: % of object pixels on the
+              right shape word (chance among the shapes: 33%).
+drawing:      48 single-object captions (3 shapes x 4 colours x 4 backgrounds, seed 0): how often the drawn
+              object has the shape asked for, judged by how much of its bounding box it fills (a square
+              1, a circle pi/4, a triangle 1/2; exact on the dataset's own images).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from concept_attention.shapes import BACKGROUND_COLOURS, COLOURS, SHAPES, ShapesConfig, make_sample
+
+STREAM = 2
+
+
+def upsampled_argmax(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(r, h, w) maps -> (H, W) index of the winning concept after bilinear upsampling."""
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear")[0].argmax(0).numpy()
+
+
+def binding(pipe, images: int) -> None:
+    depth = pipe.flux.model.config.depth
+    for kind in ("shape", "colour"):
+        hits: dict[str, int] = {}
+        total, index, done = 0, 0, 0
+        while done < images:
+            sample = make_sample(STREAM, index, ShapesConfig())
+            index += 1
+            words = sample.class_names[1:] if kind == "shape" else sample.colours
+            if len(words) != 2 or words[0] == words[1]:
+                continue
+            done += 1
+            every = range(depth + pipe.flux.model.config.depth_single_blocks)
+            out = pipe.encode_image(sample.image, [sample.class_names[0], *words], prompt="", t=0.5, num_samples=2,
+                                    per_layer=True, layer_indices=every)
+            layers = out.layer_maps["output"]  # (layers, r, h, w): the double blocks, then the single blocks
+            variants = {f"layer {i}": layers[i] for i in every} | {"double blocks": layers[:depth].mean(0)}
+            objects = sample.mask > 0
+            total += int(objects.sum())
+            for name, maps in variants.items():
+                predicted = upsampled_argmax(maps, sample.mask.shape)
+                hits[name] = hits.get(name, 0) + int((predicted[objects] == sample.mask[objects]).sum())
+        print(f"{kind} words, binding accuracy on {images} images: "
+              + ", ".join(f"{name} {100 * hit / total:.0f}%" for name, hit in hits.items()))
+
+
+def recognition(pipe, images: int) -> None:
+    hit = total = 0
+    for index in range(images):
+        sample = make_sample(STREAM, index, ShapesConfig(two_object_prob=0.0))
+        out = pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], prompt="", t=0.5, num_samples=2)
+        predicted = upsampled_argmax(out.concept_maps, sample.mask.shape)
+        objects = sample.mask == 1
+        hit += int((predicted[objects] == 1 + SHAPES.index(sample.class_names[1])).sum())
+        total += int(objects.sum())
+    print(f"single-object recognition on {images} images: {100 * hit / total:.0f}% of object pixels on the right "
+          "shape word (chance among the shapes 33%)")
+
+
+def drawn_shape(image, colour: str) -> str | None:
+    """The shape of the pixels nearest `colour` (among all named and background colours), by bounding-box fill."""
+    palette = {**COLOURS, **BACKGROUND_COLOURS}
+    pixels = np.asarray(image, dtype=np.float64)
+    reference = np.array(list(palette.values()), dtype=np.float64)
+    nearest = np.linalg.norm(pixels[:, :, None] - reference[None, None], axis=-1).argmin(-1)
+    ys, xs = np.nonzero(nearest == list(palette).index(colour))
+    if len(ys) < 20:
+        return None
+    fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "square" if fill > 0.88 else "circle" if fill > 0.66 else "triangle"
+
+
+def drawing(pipe) -> None:
+    colours, places = ("red", "blue", "yellow", "purple"), ("on grass", "in the sky", "on sand", "at night")
+    right = {}
+    for shape in SHAPES:
+        prompts = [f"a {colour} {shape} {place}" for colour in colours for place in places]
+        drawn = [drawn_shape(image, prompt.split()[1]) for prompt, image in zip(prompts, pipe.flux(prompts, seed=0, progress=False))]
+        right[shape] = sum(d == shape for d in drawn)
+    print(f"drawn as asked: {sum(right.values())}/48 ("
+          + ", ".join(f"{shape} {n}/16" for shape, n in right.items()) + ")")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe", choices=("binding", "recognition", "drawing"))
+    parser.add_argument("model", help="a pipeline folder, e.g. weights/demo or WORK/exports/step-NNNNNN")
+    parser.add_argument("--images", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from concept_attention.pipeline import ConceptAttentionPipeline
+
+    pipe = ConceptAttentionPipeline.from_folder(args.model)
+    if args.probe == "binding":
+        binding(pipe, args.images)
+    elif args.probe == "recognition":
+        recognition(pipe, args.images)
+    else:
+        drawing(pipe)
+
+
+if __name__ == "__main__":
+    main()
