@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -193,7 +194,7 @@ def export_folder(model: Flux, text_folder: Path, out: Path, dtype: torch.dtype 
     """flux1-demo.safetensors + flux_config.json + identity-autoencoder.json + sampling.json + t5/ + clip/."""
     out.mkdir(parents=True, exist_ok=True)
     export_transformer(model, out, "flux1-demo", dtype=dtype)
-    patch = 2 if model.config.in_channels == 12 else 4
+    patch = math.isqrt(model.config.in_channels // 3)  # 2x2 or 4x4 RGB pixels per token
     pixel_autoencoder(patch).save_json(out / "identity-autoencoder.json")
     (out / "sampling.json").write_text(json.dumps({"t5_max_length": T5_MAX_LENGTH, "num_steps": 16, "width": 32, "height": 32}) + "\n")
     for name in ("t5", "clip"):
@@ -270,11 +271,8 @@ def main() -> None:
             )
     else:
         recipe = {"batch_size": args.batch_size, "hidden": args.hidden, "depth": args.depth,
-                  "single_depth": args.single_depth, "single_object_steps": args.single_object_steps, "world": world}
-        if args.patch != 2:  # recipes written before --patch existed are 2x2
-            recipe["patch"] = args.patch
-        if args.caption_dropout != 0.1:  # likewise: 0.1 before --caption-dropout existed
-            recipe["caption_dropout"] = args.caption_dropout
+                  "single_depth": args.single_depth, "single_object_steps": args.single_object_steps,
+                  "patch": args.patch, "caption_dropout": args.caption_dropout, "world": world}
         work.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     if not (work / "t5").exists():
@@ -290,7 +288,7 @@ def main() -> None:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
         config = TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, ema_decay=0.998,
-                             caption_dropout=recipe.get("caption_dropout", 0.1))
+                             caption_dropout=recipe.get("caption_dropout", 0.1))  # recipes from before the flag: 0.1
         flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe.get("patch", 2))
         model = zero_init_modulation_(Flux(flux_config)).to(args.device)
         trainer = Trainer(model, config, Conditioning(null_txt.to(args.device), null_y.to(args.device)))
@@ -304,7 +302,8 @@ def main() -> None:
 
     if trainer.step == 0:
         export(trainer)  # the untrained model (weights/demo-untrained)
-    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=recipe.get("patch", 2))
+    patch = recipe.get("patch", 2)  # recipes from before the flag: 2x2
+    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=patch)
     trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, export)
 
 
