@@ -270,6 +270,11 @@ def main() -> None:
                 "Start a new run with a new --work-dir."
             )
     else:
+        try:  # a recipe that cannot be built is refused before anything is written
+            demo_flux_config(args.depth, args.single_depth, args.hidden, args.patch)
+            TrainConfig(batch_size=args.batch_size, lr=args.lr, caption_dropout=args.caption_dropout)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         recipe = {"batch_size": args.batch_size, "hidden": args.hidden, "depth": args.depth,
                   "single_depth": args.single_depth, "single_object_steps": args.single_object_steps,
                   "patch": args.patch, "caption_dropout": args.caption_dropout, "world": world}

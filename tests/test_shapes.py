@@ -228,11 +228,24 @@ def test_contour_bands_by_hand():
     region = np.zeros((16, 16), bool)
     region[1:15, 1:15] = True                                    # 14x14 square: distances 1..7
     light = contour_light(region)
-    distance = outline_distance(region)
-    expected = 0.99 - 0.11 * np.cos(2 * np.pi * (distance - 1) / BAND_PERIOD)
-    np.testing.assert_allclose(light[region], expected[region])
-    assert np.isclose(light[1, 5], 0.88) and np.isclose(light[1 + int(BAND_PERIOD), 5], 0.88)
+    assert BAND_PERIOD == 3
+    # along row 7 from the left edge: outline distances 1, 2, 3, 4, 5, 6, 7 -> cos of 0, 120, 240, 0, ... degrees
+    np.testing.assert_allclose(light[7, 1:8], [0.88, 1.045, 1.045, 0.88, 1.045, 1.045, 0.88])
     assert light[0, 0] == 1.0 and light.min() >= 0.88 - 1e-12 and light.max() <= 1.1 + 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=0, max_value=2**31 - 1))
+def test_outline_distance_matches_a_search_over_every_outside_pixel(seed):
+    """The rim shortcut (only outside pixels touching the region are searched) against brute force over all."""
+    rng = np.random.default_rng(seed)
+    region = rng.random((12, 12)) < 0.7
+    region[0], region[-1], region[:, 0], region[:, -1] = False, False, False, False
+    inside, outside = np.argwhere(region), np.argwhere(~region)
+    expected = np.zeros(region.shape)
+    for (y, x) in inside:
+        expected[y, x] = min(np.hypot(y - oy, x - ox) for oy, ox in outside)
+    np.testing.assert_allclose(outline_distance(region), expected)
 
 
 @settings(max_examples=20, deadline=None)

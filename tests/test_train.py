@@ -171,7 +171,7 @@ def test_export_is_the_official_layout_and_loads_strictly(tmp_path):
     assert not all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
-def load_train_demo(name: str = "train_demo"):
+def load_script(name: str = "train_demo"):
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
@@ -184,7 +184,7 @@ def load_train_demo(name: str = "train_demo"):
 def test_demo_recipe_resumes_bit_exactly_across_the_curriculum(tmp_path, monkeypatch):
     """scripts/train_demo.py itself: 3 steps straight == 2 steps, then the same command resumed to 3. The resumed
     command names no recipe flags: its curriculum (single objects until step 3) must come from recipe.json."""
-    demo = load_train_demo()
+    demo = load_script()
     tiny = ["--hidden", "24", "--depth", "1", "--single-depth", "0", "--batch-size", "2", "--single-object-steps", "3",
             "--checkpoint-every", "1", "--export-every", "100", "--device", "cpu"]
 
@@ -262,7 +262,7 @@ def test_shipped_demo_model_loads_strictly_and_draws_its_captions():
 
 def test_demo_recipe_with_4x4_pixel_tokens_and_more_caption_dropout(tmp_path, monkeypatch):
     """--patch 4 and --caption-dropout reach recipe.json, the trainer, the data and the exported folder."""
-    demo = load_train_demo()
+    demo = load_script()
     work = tmp_path / "p4"
     monkeypatch.setattr("sys.argv", [
         "train_demo.py", "--work-dir", str(work), "--steps", "1", "--hidden", "24", "--depth", "1", "--single-depth",
@@ -287,10 +287,20 @@ def test_demo_recipe_with_4x4_pixel_tokens_and_more_caption_dropout(tmp_path, mo
         assert latents[0, c * 4 + p * 2 + q, i, j] == pixels[0, c, 2 * i + p, 2 * j + q]
 
 
+@pytest.mark.parametrize("flag", [["--hidden", "100"], ["--caption-dropout", "1.5"]])
+def test_demo_recipe_that_cannot_be_built_is_refused_before_writing(tmp_path, monkeypatch, flag):
+    demo = load_script()
+    work = tmp_path / "bad"
+    monkeypatch.setattr("sys.argv", ["train_demo.py", "--work-dir", str(work), "--steps", "1", *flag])
+    with pytest.raises(SystemExit, match="must be"):
+        demo.main()
+    assert not (work / "recipe.json").exists()      # a corrected command starts cleanly in the same folder
+
+
 def test_drawing_probe_names_the_shape_of_every_dataset_object():
     """scripts/probe_demo.py judges a drawn shape by how much of its bounding box it fills: on the dataset's own
     single objects (every shape, colour and size) it must always be right, or its 'drawn as asked' means nothing."""
-    probe = load_train_demo("probe_demo")
+    probe = load_script("probe_demo")
     from concept_attention.shapes import ShapesConfig, make_sample
 
     samples = [make_sample(7, i, ShapesConfig(two_object_prob=0.0)) for i in range(90)]
