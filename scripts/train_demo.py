@@ -35,6 +35,9 @@ from flux_mini.train import (
 
 T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
+RECIPE_DEFAULTS = {"batch_size": 16, "hidden": 96, "depth": 4, "single_depth": 1, "single_object_steps": 0,
+                   "patch": 2, "caption_dropout": 0.1}
+RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1}  # what recipes written before these flags existed ran with
 
 
 def demo_flux_config(
@@ -231,15 +234,18 @@ def main() -> None:
     parser.add_argument("--export-every", type=int, default=1000, help="write exports/step-NNNNNN/ (EMA weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
-    group = parser.add_argument_group("recipe of a new run (stored in WORK/recipe.json; a resume reads it from there)")
-    group.add_argument("--batch-size", type=int, default=16)
-    group.add_argument("--hidden", type=int, default=96)
-    group.add_argument("--depth", type=int, default=4, help="double blocks")
-    group.add_argument("--single-depth", type=int, default=1, help="single blocks")
-    group.add_argument("--single-object-steps", type=int, default=0, help="curriculum: one object per image first")
-    group.add_argument("--patch", type=int, default=2, choices=(2, 4), help="pixels per token side")
-    group.add_argument("--caption-dropout", type=float, default=0.1,
-                       help="fraction of samples trained on the empty prompt (the shape must then come from the image)")
+    group = parser.add_argument_group("recipe of a new run (stored in WORK/recipe.json; a resume reads it from there "
+                                      "and refuses a flag that differs)")
+    group.add_argument("--batch-size", type=int, help=f"default {RECIPE_DEFAULTS['batch_size']}")
+    group.add_argument("--hidden", type=int, help=f"default {RECIPE_DEFAULTS['hidden']}")
+    group.add_argument("--depth", type=int, help=f"double blocks, default {RECIPE_DEFAULTS['depth']}")
+    group.add_argument("--single-depth", type=int, help=f"single blocks, default {RECIPE_DEFAULTS['single_depth']}")
+    group.add_argument("--single-object-steps", type=int,
+                       help=f"curriculum: one object per image first, default {RECIPE_DEFAULTS['single_object_steps']}")
+    group.add_argument("--patch", type=int, choices=(2, 4), help=f"pixels per token side, default {RECIPE_DEFAULTS['patch']}")
+    group.add_argument("--caption-dropout", type=float,
+                       help="fraction of samples trained on the empty prompt (the shape must then come from the image), "
+                       f"default {RECIPE_DEFAULTS['caption_dropout']}")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")
@@ -261,23 +267,27 @@ def main() -> None:
 
     recipe_path = work / "recipe.json"
     world = world_fingerprint()
+    given = {key: getattr(args, key) for key in RECIPE_DEFAULTS if getattr(args, key) is not None}
     if recipe_path.exists():
-        recipe = json.loads(recipe_path.read_text())
+        recipe = RECIPE_LEGACY | json.loads(recipe_path.read_text())
         if recipe.get("world") != world:
             raise SystemExit(
                 f"error: {work} was started on another version of the shapes world (recipe.json world "
                 f"{recipe.get('world', 'not recorded')}, now {world}); resuming would mix two experiments. "
                 "Start a new run with a new --work-dir."
             )
+        differing = [f"--{key.replace('_', '-')} {value} (recipe.json: {recipe.get(key)})"
+                     for key, value in given.items() if value != recipe.get(key)]
+        if differing:
+            raise SystemExit(f"error: {work} was started with another recipe: {', '.join(differing)}. Drop the flag "
+                             "to resume this run, or give a new --work-dir to start one with it.")
     else:
+        recipe = RECIPE_DEFAULTS | given | {"world": world}
         try:  # a recipe that cannot be built is refused before anything is written
-            demo_flux_config(args.depth, args.single_depth, args.hidden, args.patch)
-            TrainConfig(batch_size=args.batch_size, lr=args.lr, caption_dropout=args.caption_dropout)
+            demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe["patch"])
+            TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, caption_dropout=recipe["caption_dropout"])
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
-        recipe = {"batch_size": args.batch_size, "hidden": args.hidden, "depth": args.depth,
-                  "single_depth": args.single_depth, "single_object_steps": args.single_object_steps,
-                  "patch": args.patch, "caption_dropout": args.caption_dropout, "world": world}
         work.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     if not (work / "t5").exists():
@@ -293,8 +303,8 @@ def main() -> None:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
         config = TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, ema_decay=0.998,
-                             caption_dropout=recipe.get("caption_dropout", 0.1))  # recipes from before the flag: 0.1
-        flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe.get("patch", 2))
+                             caption_dropout=recipe["caption_dropout"])
+        flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe["patch"])
         model = zero_init_modulation_(Flux(flux_config)).to(args.device)
         trainer = Trainer(model, config, Conditioning(null_txt.to(args.device), null_y.to(args.device)))
     print(f"model {parameter_count(trainer.model)} parameters, {json.dumps(trainer.model.config.to_dict())}")
@@ -307,8 +317,7 @@ def main() -> None:
 
     if trainer.step == 0:
         export(trainer)  # the untrained model (weights/demo-untrained)
-    patch = recipe.get("patch", 2)  # recipes from before the flag: 2x2
-    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=patch)
+    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=recipe["patch"])
     trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, export)
 
 

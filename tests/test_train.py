@@ -208,8 +208,17 @@ def test_demo_recipe_resumes_bit_exactly_across_the_curriculum(tmp_path, monkeyp
     assert torch.equal(data(0).latents, demo.to_pixels([make_sample(0, i, ShapesConfig(two_object_prob=0.0)).image
                                                          for i in range(8)]))
     assert torch.equal(data(1).latents, demo.to_pixels([make_sample(0, 8 + i).image for i in range(8)]))
-    # a run started on another version of the world is refused, not mixed (recipe.json keeps its digest)
+    # a recipe flag that differs from recipe.json is refused, not silently ignored; an equal one is fine, and a
+    # recipe written before --patch existed ran with 2x2 pixels per token
+    with pytest.raises(SystemExit, match=r"--hidden 48 \(recipe.json: 24\)"):
+        train(tmp_path / "resumed", 4, "--hidden", "48", "--depth", "1")
     recipe = json.loads((tmp_path / "resumed" / "recipe.json").read_text())
+    del recipe["patch"]
+    (tmp_path / "resumed" / "recipe.json").write_text(json.dumps(recipe))
+    train(tmp_path / "resumed", 3, "--hidden", "24", "--patch", "2")
+    with pytest.raises(SystemExit, match=r"--patch 4 \(recipe.json: 2\)"):
+        train(tmp_path / "resumed", 4, "--patch", "4")
+    # a run started on another version of the world is refused, not mixed (recipe.json keeps its digest)
     assert recipe["world"] == demo.world_fingerprint()
     (tmp_path / "resumed" / "recipe.json").write_text(json.dumps({**recipe, "world": "0" * 64}))
     with pytest.raises(SystemExit, match="another version of the shapes world"):
