@@ -4,6 +4,7 @@ maps upsampled bilinearly, as the shapes-binding preset.
 
     PYTHONPATH=. python scripts/probe_demo.py binding WORK/exports/step-010000 --images 30
     PYTHONPATH=. python scripts/probe_demo.py recognition WORK/exports/step-010000
+    PYTHONPATH=. python scripts/probe_demo.py decodable WORK/exports/step-010000 --images 120
     PYTHONPATH=. python scripts/probe_demo.py drawing WORK/exports/step-010000
 
 binding:      two-object images with two different shape words (then: two different colour words), offered
@@ -11,6 +12,10 @@ binding:      two-object images with two different shape words (then: two differ
               of the double blocks (the benchmark's maps).
 recognition:  single-object images offered [background, circle, square, triangle]: % of object pixels on the
               right shape word (chance among the shapes: 33%).
+decodable:    is the shape of a token's object in the image stream at all? A linear probe (logistic regression)
+              per site, on tokens that lie inside one object, trained on the first 70% of the images and
+              scored on the rest, with the empty prompt and with the image's own caption; "two shapes" scores
+              only the images whose two objects have different shapes (where the caption must be bound).
 drawing:      48 single-object captions (3 shapes x 4 colours x 4 backgrounds, seed 0): how often the drawn
               object has the shape asked for, judged by how much of its bounding box it fills (a square
               1, a circle pi/4, a triangle 1/2; exact on the dataset's own images).
@@ -23,7 +28,9 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+from flux_mini.interp import Interventions
 from concept_attention.shapes import BACKGROUND_COLOURS, COLOURS, SHAPES, ShapesConfig, make_sample
 
 STREAM = 2
@@ -73,6 +80,60 @@ def recognition(pipe, images: int) -> None:
           "shape word (chance among the shapes 33%)")
 
 
+def object_tokens(mask: np.ndarray, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which tokens lie wholly inside one object: (L,) bool, that object's index 1..k: (L,))."""
+    pixels = rearrange(torch.from_numpy(mask.astype(np.int64)), "(h p) (w q) -> (h w) (p q)", h=grid[0], w=grid[1])
+    inside = (pixels == pixels[:, :1]).all(1) & (pixels[:, 0] > 0)
+    return inside, pixels[:, 0]
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                          weight_decay: float = 1e-2) -> torch.Tensor:
+    """Multinomial logistic regression on standardised features (L-BFGS, L2): per-test-token hit (bool)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    weight = torch.zeros(train_x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = F.cross_entropy(train_x @ weight + bias, train_y) + weight_decay * weight.square().sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return (test_x @ weight + bias).argmax(1) == test_y
+
+
+def decodable(pipe, images: int) -> None:
+    model = pipe.flux.model
+    sites = ["img_in"] + [f"double_blocks.{i}.{site}" for i in range(model.config.depth) for site in ("img_attn", "img")]
+    for protocol in ("empty prompt", "caption"):
+        features, labels, image_of, two_shapes = {site: [] for site in sites}, [], [], []
+        for index in range(images):
+            sample = make_sample(STREAM, index, ShapesConfig())
+            cache = Interventions(model, cache=sites)
+            pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=0.5, num_samples=1, interventions=cache,
+                              prompt="" if protocol == "empty prompt" else sample.caption)
+            inside, owner = object_tokens(sample.mask, pipe.flux.token_grid(*sample.mask.shape))
+            for site in sites:
+                features[site].append(cache.cache[0][site][0][inside].double())
+            labels += [SHAPES.index(sample.class_names[o]) for o in owner[inside].tolist()]
+            image_of += [index] * int(inside.sum())
+            two_shapes += [len(set(sample.class_names[1:])) == 2] * int(inside.sum())
+        labels, image_of, two_shapes = torch.tensor(labels), torch.tensor(image_of), torch.tensor(two_shapes)
+        train = image_of < int(0.7 * images)
+        majority = (labels[~train] == labels[train].mode().values).double().mean()
+        print(f"{protocol}: shape of the token's object, linear probe on {int((~train).sum())} test tokens "
+              f"(most common shape {100 * majority:.0f}%)")
+        for site in sites:
+            x = torch.cat(features[site])
+            hits = linear_probe_accuracy(x[train], labels[train], x[~train], labels[~train])
+            print(f"  {site:24s} {100 * hits.double().mean():.0f}%, two shapes {100 * hits[two_shapes[~train]].double().mean():.0f}%")
+
+
 def drawn_shape(image, colour: str) -> str | None:
     """The shape of the pixels nearest `colour` (among all named and background colours), by bounding-box fill."""
     palette = {**COLOURS, **BACKGROUND_COLOURS}
@@ -99,7 +160,7 @@ def drawing(pipe) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("binding", "recognition", "drawing"))
+    parser.add_argument("probe", choices=("binding", "recognition", "decodable", "drawing"))
     parser.add_argument("model", help="a pipeline folder, e.g. weights/demo or WORK/exports/step-NNNNNN")
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
@@ -112,6 +173,8 @@ def main() -> None:
         binding(pipe, args.images)
     elif args.probe == "recognition":
         recognition(pipe, args.images)
+    elif args.probe == "decodable":
+        decodable(pipe, args.images)
     else:
         drawing(pipe)
 

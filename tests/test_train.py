@@ -316,3 +316,22 @@ def test_drawing_probe_names_the_shape_of_every_dataset_object():
     assert {s.class_names[1] for s in samples} == {"circle", "square", "triangle"}
     assert all(probe.drawn_shape(s.image, s.colours[0]) == s.class_names[1] for s in samples)
     assert probe.drawn_shape(samples[0].image, "pink" if samples[0].colours[0] != "pink" else "red") is None
+
+
+def test_decodability_probe_finds_object_tokens_and_separable_labels():
+    """scripts/probe_demo.py decodable: the tokens wholly inside one object (by hand on a 4x4 mask with 2x2-pixel
+    tokens), and a linear probe that is perfect on linearly separable labels and at chance on random ones."""
+    probe = load_script("probe_demo")
+    mask = np.array([[1, 1, 0, 0],
+                     [1, 1, 0, 2],
+                     [0, 0, 2, 2],
+                     [0, 0, 2, 2]])
+    inside, owner = probe.object_tokens(mask, (2, 2))       # tokens: top-left, top-right, bottom-left, bottom-right
+    assert inside.tolist() == [True, False, False, True] and owner[inside].tolist() == [1, 2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1, 1.0, 1.0])
+    score = x[:, 0] - x[:, 1] / 5                             # three classes: bands of one direction
+    labels = (score > -0.7).long() + (score > 0.7).long()
+    assert probe.linear_probe_accuracy(x[:400], labels[:400], x[400:], labels[400:], 1e-4).double().mean() > 0.95
+    random = torch.randint(0, 3, (600,), generator=g)
+    assert probe.linear_probe_accuracy(x[:400], random[:400], x[400:], random[400:]).double().mean() < 0.45
