@@ -10,8 +10,9 @@ maps upsampled bilinearly, as the shapes-binding preset.
 binding:      two-object images with two different shape words (then: two different colour words), offered
               [background, word 1, word 2]: % of object pixels on their own word, per layer and for the mean
               of the double blocks (the benchmark's maps).
-recognition:  single-object images offered [background, circle, square, triangle]: % of object pixels on the
-              right shape word (chance among the shapes: 33%).
+recognition:  single-object images offered [background, circle, square, triangle], empty prompt and the image's
+              own caption: % of object pixels on the right shape word (chance among the shapes: 33%), and which
+              word wins each shape's pixels.
 decodable:    is the shape of a token's object in the image stream at all? A linear probe (logistic regression)
               per site, on tokens that lie inside one object, trained on the first 70% of the images and
               scored on the rest, with the empty prompt and with the image's own caption; "two shapes" scores
@@ -68,16 +69,21 @@ def binding(pipe, images: int) -> None:
 
 
 def recognition(pipe, images: int) -> None:
-    hit = total = 0
-    for index in range(images):
-        sample = make_sample(STREAM, index, ShapesConfig(two_object_prob=0.0))
-        out = pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], prompt="", t=0.5, num_samples=2)
-        predicted = upsampled_argmax(out.concept_maps, sample.mask.shape)
-        objects = sample.mask == 1
-        hit += int((predicted[objects] == 1 + SHAPES.index(sample.class_names[1])).sum())
-        total += int(objects.sum())
-    print(f"single-object recognition on {images} images: {100 * hit / total:.0f}% of object pixels on the right "
-          "shape word (chance among the shapes 33%)")
+    words = ["background", *SHAPES]
+    for protocol in ("empty prompt", "caption"):
+        counts = np.zeros((len(SHAPES), len(words)), dtype=np.int64)  # true shape x word that won the pixel
+        for index in range(images):
+            sample = make_sample(STREAM, index, ShapesConfig(two_object_prob=0.0))
+            out = pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=0.5, num_samples=2,
+                                    prompt="" if protocol == "empty prompt" else sample.caption)
+            predicted = upsampled_argmax(out.concept_maps, sample.mask.shape)
+            counts[SHAPES.index(sample.class_names[1])] += np.bincount(predicted[sample.mask == 1], minlength=len(words))
+        right = sum(counts[i, 1 + i] for i in range(len(SHAPES))) / counts.sum()
+        print(f"single-object recognition on {images} images, {protocol}: {100 * right:.0f}% of object pixels on "
+              "the right shape word (chance among the shapes 33%); % of each shape's pixels won by "
+              + "/".join(words) + ":")
+        for shape, row in zip(SHAPES, counts):
+            print(f"  {shape:9s} " + " ".join(f"{100 * n / row.sum():3.0f}" for n in row))
 
 
 def object_tokens(mask: np.ndarray, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
