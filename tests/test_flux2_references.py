@@ -6,12 +6,16 @@ The KV equivalence we rely on: at the first step diffusers runs [txt ; ref ; noi
 attending only to themselves at timestep 0; we run the references alone once (`Flux2.reference_kv`) and splice
 their keys and values into every step. The first step's noise velocity therefore equals our cached forward's."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flux_mini import Flux2
 from flux_mini.convert import flux2_bfl_to_diffusers
 from flux_mini.flux2 import ReferenceKV
+from flux_mini.layers import ModulationOut, apply_rope, merge_heads
 from flux_mini.sampling import denoise_flux2, flux2_image_ids, flux2_text_ids
 from flux_mini.tiny import randomize_, tiny_flux2_config
 
@@ -186,3 +190,56 @@ def test_bad_reference_inputs_are_refused(models):
     with pytest.raises(ValueError, match="ConceptAttention does not take reference images"):
         list(ours.concept_pass(**without_references(x), concept_txt=concepts, cond=x["cond"], cond_ids=x["cond_ids"]))
 
+
+
+def naive_kv_layout(model: Flux2, x: dict) -> torch.Tensor:
+    """BFL's uncached KV layout written out: one sequence [txt ; ref ; noise], the references modulated at time 0
+    and masked to attend only to themselves, text and noise attending to everything -> the noise velocity."""
+    num_txt, num_refs, num_noise = x["txt"].shape[1], x["cond"].shape[1], x["img"].shape[1]
+    vec = model.conditioning(x["timesteps"], x["guidance"])
+    mod, ref_mod = model.modulations(vec), model.modulations(model.conditioning(0 * x["timesteps"], x["guidance"]))
+
+    def rows(*parts: tuple[ModulationOut, int]) -> ModulationOut:
+        """(modulation set, token count) pairs -> one set with a row per token."""
+        def stack(field: str) -> torch.Tensor:
+            return torch.cat([getattr(m, field).expand(-1, n, -1) for m, n in parts], dim=1)
+
+        return ModulationOut(stack("shift"), stack("scale"), stack("gate"))
+
+    seen = torch.ones(num_txt + num_refs + num_noise, num_txt + num_refs + num_noise, dtype=torch.bool)
+    refs = slice(num_txt, num_txt + num_refs)
+    seen[refs] = False
+    seen[refs, refs] = True
+    pe = model.rope(torch.cat((x["txt_ids"], x["cond_ids"], x["img_ids"]), dim=1), x["img"].dtype)
+    img, txt = model.img_in(torch.cat((x["cond"], x["img"]), dim=1)), model.txt_in(x["txt"])
+    for block in model.double_blocks:
+        img1, img2 = (rows((r, num_refs), (m, num_noise)) for r, m in zip(ref_mod.img, mod.img))
+        txt1, txt2 = mod.txt
+        img_q, img_k, img_v = block.img_attn.heads(block.img_attn.qkv(img1.modulate(img)))
+        txt_q, txt_k, txt_v = block.txt_attn.heads(block.txt_attn.qkv(txt1.modulate(txt)))
+        q, k = (apply_rope(torch.cat(pair, dim=2), pe) for pair in ((txt_q, img_q), (txt_k, img_k)))
+        out = merge_heads(F.scaled_dot_product_attention(q, k, torch.cat((txt_v, img_v), dim=2), attn_mask=seen))
+        img = img1.residual(img, block.img_attn.proj(out[:, num_txt:]))
+        img = img2.residual(img, block.img_mlp(img2.modulate(img)))
+        txt = txt1.residual(txt, block.txt_attn.proj(out[:, :num_txt]))
+        txt = txt2.residual(txt, block.txt_mlp(txt2.modulate(txt)))
+    h = torch.cat((txt, img), dim=1)
+    single = rows((mod.single, num_txt), (ref_mod.single, num_refs), (mod.single, num_noise))
+    for block in model.single_blocks:
+        q, k, v, mlp_in = block.split(block.linear1(single.modulate(h)))
+        out = merge_heads(F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=seen))
+        h = single.residual(h, block.output(out, block.mlp_act(mlp_in)))
+    return model.final_layer(h[:, num_txt + num_refs :], vec)
+
+
+@torch.no_grad()
+def test_cached_steps_equal_the_uncached_kv_layout_in_float64(models):
+    """Running the references once and splicing their K/V is exactly BFL's masked single sequence, at the first
+    step and at a later one (float64, to 1e-12): the cache loses nothing."""
+    ours = copy.deepcopy(models[0]).double()
+    x = {k: v.double() if v is not None and v.is_floating_point() else v for k, v in inputs(ours).items()}
+    reference_kv = ours.reference_kv(x["cond"], x["cond_ids"], x["guidance"])
+    for t in (0.73, 0.31):
+        step = x | {"timesteps": torch.full((2,), t, dtype=torch.float64)}
+        assert_close(ours(**without_references(step), reference_kv=reference_kv), naive_kv_layout(ours, step),
+                     f"t = {t}", rtol=1e-12)  # fmt: skip
