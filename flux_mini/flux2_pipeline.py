@@ -275,15 +275,19 @@ class Flux2Pipeline:
     def check_size(self, height: int, width: int) -> None:
         self.autoencoder.check_size(height, width)
 
-    def memory_estimate(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> dict[str, int]:
+    def memory_estimate(
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, reference_tokens: int = 0
+    ) -> dict[str, int]:
         """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token
-        per 16x16 pixels (the AE patchifies), the padded text length, the AE's widest full-resolution layer."""
+        per 16x16 pixels (the AE patchifies) plus the references' (`reference_tokens`, counted as image tokens;
+        klein 9B KV also keeps their keys and values for every block), the padded text length, the AE's widest
+        full-resolution layer."""
         config, autoencoder = self.model.config, self.autoencoder
         h, w = flux2_latent_size(height, width, autoencoder.downsample_factor)
         llm = self.text_encoder.model.config
         size = RunSize(
             batch=batch,
-            image_tokens=h * w,
+            image_tokens=h * w + reference_tokens,
             text_tokens=self.text_encoder.max_length,
             hidden=config.hidden_size,
             heads=config.num_heads,
@@ -295,12 +299,19 @@ class Flux2Pipeline:
             autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
             t5_heads=getattr(llm, "text_config", llm).num_attention_heads,  # the LLM's (B, heads, T, T) scores
         )
-        return estimate_bytes(size)
+        estimate = estimate_bytes(size)
+        if self.defaults.reference_kv:  # a key and a value per reference token in every block
+            cache = 2 * config.num_layers * batch * reference_tokens * config.hidden_size
+            estimate["transformer"] += cache * self.dtype.itemsize
+        return estimate
 
-    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
+    def check_memory(
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None,
+        reference_tokens: int = 0,
+    ):  # fmt: skip
         """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
         check_fits(
-            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            lambda h, w: self.memory_estimate(h, w, batch, concepts, reference_tokens), height, width, batch,
             self.autoencoder.downsample_factor, self.device, available,
             f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
         )
@@ -339,7 +350,7 @@ class Flux2Pipeline:
         """Reference images -> cond tokens (1, R, 128) in the pipeline dtype and cond_ids (1, R, 4) on the device,
         reference i at t = 10 + 10 i on its own grid (module docstring for the preparation)."""
         check_references(images)
-        max_pixels = ONE_REFERENCE_PIXELS if len(images) == 1 else REFERENCE_PIXELS
+        max_pixels = reference_pixel_cap(len(images))
         tokens, ids = [], []
         for index, image in enumerate(images):
             pixels = reference_pixels(image, max_pixels, _reference_name(image, index)).to(self.device)
@@ -348,6 +359,12 @@ class Flux2Pipeline:
             tokens.append(flux2_pack(latent).to(self.dtype))
             ids.append(flux2_image_ids(1, *latent.shape[-2:], t=10 + 10 * index, device=self.device))
         return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+    def reference_tokens(self, images: list[Image.Image]) -> int:
+        """R, the number of tokens `encode_references` makes of these images, from their sizes alone."""
+        sizes = [reference_size(*image.size, reference_pixel_cap(len(images))) for image in images]
+        factor = self.autoencoder.downsample_factor
+        return sum((width // factor) * (height // factor) for width, height in sizes)
 
     # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
 
@@ -486,7 +503,8 @@ class Flux2Pipeline:
         check_seed(seed, len(prompts))
         if references is not None:
             check_references(references)
-        self.check_memory(height, width, len(prompts))
+        reference_tokens = 0 if references is None else self.reference_tokens(references)
+        self.check_memory(height, width, len(prompts), reference_tokens=reference_tokens)
         with torch.no_grad():
             txt, txt_ids = self.encode_prompt(prompts)
             negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
@@ -505,14 +523,15 @@ class Flux2Pipeline:
 
 
 def check_references(images) -> None:
-    """A non-empty list of PIL images (the refusals by size come with `reference_pixels`)."""
+    """A non-empty list of PIL images, each of a size BFL's preparation accepts (`reference_pixels`)."""
     if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)) or not images:
         raise ValueError(f"references must be a non-empty list of PIL images, got {type(images).__name__}; "
                          "pass references=[image] (or None for text-to-image)")  # fmt: skip
-    bad = [i for i, image in enumerate(images) if not isinstance(image, Image.Image)]
-    if bad:
-        raise ValueError(f"references[{bad[0]}] is a {type(images[bad[0]]).__name__}, not a PIL image; "
-                         "open it with PIL.Image.open")  # fmt: skip
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"references[{index}] is a {type(image).__name__}, not a PIL image; open it with "
+                             "PIL.Image.open")  # fmt: skip
+        check_reference_size(image, _reference_name(image, index))
 
 
 def _reference_name(image: Image.Image, index: int) -> str:
@@ -521,11 +540,8 @@ def _reference_name(image: Image.Image, index: int) -> str:
     return f"reference {index + 1}" + (f" ({file})" if file else "")
 
 
-def reference_pixels(image: Image.Image, max_pixels: int, name: str = "reference image") -> Tensor:
-    """BFL's preparation of a reference -> (1, 3, H, W) in [-1, 1]: RGB; refused below 64 pixels a side or beyond
-    an aspect ratio of 8; above `max_pixels`, downscaled by sqrt(max_pixels / pixels) with LANCZOS, each side
-    truncated (so the count stays <= max_pixels); center-cropped to multiples of 16."""
-    image = image.convert("RGB")
+def check_reference_size(image: Image.Image, name: str = "reference image") -> None:
+    """BFL refuses a reference below 64 pixels a side or beyond an aspect ratio of 8."""
     width, height = image.size
     if min(width, height) < MIN_REFERENCE_SIDE:
         raise ValueError(f"{name} is {width} x {height} pixels; FLUX.2 needs at least {MIN_REFERENCE_SIDE} pixels "
@@ -533,9 +549,36 @@ def reference_pixels(image: Image.Image, max_pixels: int, name: str = "reference
     if max(width, height) > MAX_REFERENCE_ASPECT * min(width, height):
         raise ValueError(f"{name} is {width} x {height} pixels, an aspect ratio above {MAX_REFERENCE_ASPECT}; "
                          f"crop it to at most {MAX_REFERENCE_ASPECT}:1")  # fmt: skip
-    if width * height > max_pixels:
-        scale = math.sqrt(max_pixels / (width * height))
-        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
+
+
+def reference_pixel_cap(count: int) -> int:
+    """The most pixels each of `count` references keeps: 2024^2 for a lone one, 1024^2 each for several."""
+    return ONE_REFERENCE_PIXELS if count == 1 else REFERENCE_PIXELS
+
+
+def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """BFL's cap: above `max_pixels`, both sides times sqrt(max_pixels / pixels), truncated (the count stays
+    <= max_pixels, the aspect ratio about the same)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return int(width * scale), int(height * scale)
+
+
+def reference_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) of a prepared reference: downscaled, then cropped to multiples of 16."""
+    width, height = downscaled_size(width, height, max_pixels)
+    return width // 16 * 16, height // 16 * 16
+
+
+def reference_pixels(image: Image.Image, max_pixels: int, name: str = "reference image") -> Tensor:
+    """BFL's preparation of a reference -> (1, 3, H, W) in [-1, 1]: RGB; refused below 64 pixels a side or beyond
+    an aspect ratio of 8; downscaled with LANCZOS to at most `max_pixels` (`downscaled_size`); center-cropped to
+    multiples of 16."""
+    check_reference_size(image, name)
+    image = image.convert("RGB")
+    if (size := downscaled_size(*image.size, max_pixels)) != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
     width, height = image.width // 16 * 16, image.height // 16 * 16
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.crop((left, top, left + width, top + height))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from flux_mini.cli import main
 from flux_mini.flux2_pipeline import Flux2Pipeline, reference_pixels
+from flux_mini.memory import RunTooLargeError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -175,3 +176,20 @@ def test_cli_edits_with_flux2_references(klein_kv, tmp_path, capsys):
     Image.new("RGB", (40, 40)).save(small)
     assert main([*args, "--reference", str(small)]) == 2
     assert f"reference 1 ({small}) is 40 x 40 pixels" in capsys.readouterr().err
+
+
+def test_memory_guard_counts_the_references(klein, klein_kv):
+    """R = the prepared references' tokens (one per 4 x 4 pixels in the tiny AE); they count as image tokens, and
+    klein 9B KV also keeps a key and a value per reference token in every block."""
+    pipe, kv = Flux2Pipeline.from_folder(klein), Flux2Pipeline.from_folder(klein_kv)
+    references = [Image.new("RGB", (3000, 2000)), Image.new("RGB", (80, 64))]  # 1254 x 836 -> 1248 x 832; 80 x 64
+    assert pipe.reference_tokens(references) == 312 * 208 + 20 * 16
+    assert pipe.reference_tokens(references[:1]) == 616 * 412  # alone: 2478 x 1652 -> 2464 x 1648
+    plain, edit = pipe.memory_estimate(64, 64), pipe.memory_estimate(64, 64, reference_tokens=1000)
+    assert edit["transformer"] > plain["transformer"] and edit["autoencoder"] == plain["autoencoder"]
+    config = kv.model.config
+    cache = 2 * config.num_layers * 1000 * config.hidden_size * 4
+    assert kv.memory_estimate(64, 64, reference_tokens=1000)["transformer"] == edit["transformer"] + cache
+    with pytest.raises(RunTooLargeError):
+        pipe.check_memory(64, 64, reference_tokens=10**6, available=max(plain.values()) * 10)
+    pipe.check_memory(64, 64, available=max(plain.values()) * 10)
