@@ -1,8 +1,8 @@
 """The FLUX.2 transformer ([dev], [klein] 4B / 9B), module by module, in the official (BFL) parameter layout.
 
-Shapes: B batch, T text tokens, L image tokens, r concepts, D hidden size, H heads, Dh = 128 head dim,
-M = 3 D the SwiGLU width. The math follows `shared/spec/flux2-format.md` §3; module names are the keys
-of the official state dict, so `model.state_dict()` *is* the checkpoint layout. What FLUX.2 changes
+Shapes: B batch, T text tokens, L image tokens, R reference-image tokens, r concepts, D hidden size, H heads,
+Dh = 128 head dim, M = 3 D the SwiGLU width. The math follows `shared/spec/flux2-format.md` §3; module names
+are the keys of the official state dict, so `model.state_dict()` *is* the checkpoint layout. What FLUX.2 changes
 from Flux.1 (`flux1.py`): no biases, no pooled-text vector, one modulation per kind shared by all
 blocks (computed once per call), SwiGLU MLPs, 4 RoPE axes (t, h, w, l) with theta 2000.
 
@@ -602,9 +602,10 @@ class Flux2(nn.Module):
             raise ValueError(f"cond has batch {cond.shape[0]} but img has {img.shape[0]}: repeat the references")
         if reference_kv is not None:
             blocks = (len(reference_kv.double), len(reference_kv.single))
-            if blocks != (self.config.depth, self.config.depth_single_blocks):
-                raise ValueError(f"reference_kv holds {blocks} (double, single) blocks; this model has "
-                                 f"{(self.config.depth, self.config.depth_single_blocks)}: build it with its reference_kv")
+            depths = (self.config.depth, self.config.depth_single_blocks)
+            if blocks != depths:
+                raise ValueError(f"reference_kv holds {blocks} (double, single) blocks, this model {depths}: build "
+                                 "it with this model's reference_kv")  # fmt: skip
             batch = (reference_kv.double + reference_kv.single)[0].k.shape[0]
             if batch != img.shape[0]:
                 raise ValueError(f"reference_kv has batch {batch} but img has {img.shape[0]}: build it for this batch")

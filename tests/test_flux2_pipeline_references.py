@@ -18,6 +18,7 @@ from flux_mini.memory import RunTooLargeError
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import Flux2KleinKVPipeline  # noqa: E402
+# the tiny klein folders and the one-thread setting are test_flux2_pipeline's fixtures
 from test_flux2_pipeline import PROMPT, diffusers_pipeline, klein, klein_base, one_thread  # noqa: E402, F401
 
 ONE, SEVERAL = 2024**2, 1024**2
