@@ -497,7 +497,8 @@ class Flux2Pipeline:
         sites at every (or chosen) denoising steps, as in FluxPipeline: `interventions.cache[step][name]`
         (with CFG, patches reach both passes and the cache holds the prompt's pass: see `denoise_flux2`).
         `references` (PIL images) make it an edit of them, every prompt with the same references (module
-        docstring); sites then also hold the reference tokens. Runs without autograd."""
+        docstring); appended references also fill rows of the sites (klein 9B KV's cached ones do not). Runs
+        without autograd."""
         prompts = prompt_list(prompt)
         width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
         check_seed(seed, len(prompts))
