@@ -2,7 +2,7 @@
 
 `flux-mini tiny DIR` writes a random tiny model folder (no download) to try the pipeline on; `--generation flux2`
 (flux3) makes it a FLUX.2 (FLUX.3) one. `generate` reads the generation (Flux.1, FLUX.2 or FLUX.3) from the folder;
-`--reference IMAGE` (repeatable) conditions a FLUX.3 model on reference images. The argument helpers
+`--reference IMAGE` (repeatable) conditions a FLUX.2 or FLUX.3 model on reference images (an edit). The argument helpers
 below are shared with `concept-attention`, so both CLIs speak one vocabulary: --weights --prompt --out --width
 --height --steps --guidance --seed --device --dtype --quiet, with unset sizes, steps and guidance read from the
 model folder (its sampling.json, else the variant's).
@@ -148,10 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(gen)
     gen.add_argument("--offload", action="store_true", help="keep only the running stage on the device")
     gen.add_argument(
-        "--variant", choices=["schnell", "dev", "klein", "klein-base", "flux3-klein", "flux3-klein-base"],
+        "--variant",
+        choices=["schnell", "dev", "klein", "klein-base", "klein-kv", "flux3-klein", "flux3-klein-base"],
         help="(default: from the model folder)",
     )
-    gen.add_argument("--reference", type=Path, action="append", help="FLUX.3: a reference image (repeat, up to 10)")
+    gen.add_argument("--reference", type=Path, action="append",
+                     help="FLUX.2 / FLUX.3: a reference image to edit or draw from (repeat for several; FLUX.3 takes "
+                          "up to 10)")
 
     tiny = commands.add_parser("tiny", help="write a random tiny model folder (to try the commands)",
                                formatter_class=HelpFormatter)
@@ -170,10 +173,10 @@ def generate(args: argparse.Namespace) -> None:
 
     check_image_path(args.out)
     device = resolve_device(args.device)
-    flux3 = is_flux3_folder(args.weights)
-    pipeline = Flux3Pipeline if flux3 else Flux2Pipeline if is_flux2_folder(args.weights) else FluxPipeline
-    if args.reference and not flux3:
-        raise ValueError("--reference needs a FLUX.3 model folder (Flux.1 and FLUX.2 generate from text here)")
+    pipeline = (Flux3Pipeline if is_flux3_folder(args.weights) else
+                Flux2Pipeline if is_flux2_folder(args.weights) else FluxPipeline)  # fmt: skip
+    if args.reference and pipeline is FluxPipeline:
+        raise ValueError("--reference needs a FLUX.2 or FLUX.3 model folder (Flux.1 generates from text here)")
     references = [_open_image(path) for path in args.reference or []]
     with quiet_transformers(logging=args.quiet):
         pipe = pipeline.from_folder(
@@ -199,7 +202,9 @@ def _open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return Image.open(path).convert("RGB")
+        image = Image.open(path)
+        image.load()  # read now, keeping the file name for the pipeline's messages
+        return image
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"--reference {path}: not a readable image ({type(e).__name__})") from None
 

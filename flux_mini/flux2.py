@@ -1,8 +1,8 @@
 """The FLUX.2 transformer ([dev], [klein] 4B / 9B), module by module, in the official (BFL) parameter layout.
 
-Shapes: B batch, T text tokens, L image tokens, r concepts, D hidden size, H heads, Dh = 128 head dim,
-M = 3 D the SwiGLU width. The math follows `shared/spec/flux2-format.md` §3; module names are the keys
-of the official state dict, so `model.state_dict()` *is* the checkpoint layout. What FLUX.2 changes
+Shapes: B batch, T text tokens, L image tokens, R reference-image tokens, r concepts, D hidden size, H heads,
+Dh = 128 head dim, M = 3 D the SwiGLU width. The math follows `shared/spec/flux2-format.md` §3; module names
+are the keys of the official state dict, so `model.state_dict()` *is* the checkpoint layout. What FLUX.2 changes
 from Flux.1 (`flux1.py`): no biases, no pooled-text vector, one modulation per kind shared by all
 blocks (computed once per call), SwiGLU MLPs, 4 RoPE axes (t, h, w, l) with theta 2000.
 
@@ -10,6 +10,12 @@ ConceptAttention runs through every block: in the double blocks with the text st
 the shared text modulation, in the single blocks with the block's shared weights; concept queries
 attend to [concepts ; image] and nothing attends to concepts, so the image and text are unchanged.
 Concepts may carry RoPE position ids (the authors use (0, 0, 0, 510)); ours default to zero.
+
+Reference images (editing, spec §7.8) enter in one of two ways. `cond` tokens are appended after the noise
+tokens in the image stream at every step; the velocity keeps the noise rows. klein 9B KV instead runs the
+references once, alone (they attend only to each other) at timestep 0 (`Flux2.reference_kv`), and every
+step splices their keys and values between the text and image keys (`reference_kv=`). That is the same
+arithmetic as BFL's first "extract" step, whose references sit in the sequence but see only themselves.
 
 Named sites (`flux_mini.interp`), listed in the `SITES` of `Flux2` and of each block class in the order
 a forward visits them, with the Flux.1 names where the architecture has the same thing: `vec`; the
@@ -208,6 +214,32 @@ class SharedModulation:
     single: ModulationOut  # every single block
 
 
+@dataclass(frozen=True)
+class BlockKV:
+    """One block's reference-token keys (after QK-norm and RoPE) and values, (B, H, R, Dh) each."""
+
+    k: Tensor
+    v: Tensor
+
+
+@dataclass(frozen=True)
+class ReferenceKV:
+    """klein 9B KV: the reference tokens' keys and values in every block, computed once per generation."""
+
+    double: tuple[BlockKV, ...]  # one per double block
+    single: tuple[BlockKV, ...]  # one per single block
+
+
+def with_references(k: Tensor, v: Tensor, num_txt: int, references: BlockKV | None) -> tuple[Tensor, Tensor]:
+    """Keys and values over [txt ; img] (B, H, T + L, Dh) -> over [txt ; references ; img] (B, H, T + R + L, Dh),
+    so that every query also attends to the cached reference tokens."""
+    if references is None:
+        return k, v
+    text, image = slice(None, num_txt), slice(num_txt, None)
+    return (torch.cat((k[:, :, text], references.k, k[:, :, image]), dim=2),
+            torch.cat((v[:, :, text], references.v, v[:, :, image]), dim=2))  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention and MLP
 
@@ -270,8 +302,10 @@ class DoubleStreamBlock(nn.Module):
         concepts: ConceptStream | None = None,
         concept_mod: SharedModulation | None = None,
         sites: Sites = NO_SITES,
+        references: BlockKV | None = None,
     ) -> tuple[Tensor, Tensor, ConceptLayer | None]:
-        """img (B, L, D), txt (B, T, D), pe over [txt ; img] -> (img, txt, concept layer or None)."""
+        """img (B, L, D), txt (B, T, D), pe over [txt ; img] -> (img, txt, concept layer or None); cached
+        `references` are attended to as well."""
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = mod.img, mod.txt
         img_q, img_k, img_v = self.img_attn.heads(self.img_attn.qkv(img_mod1.modulate(img)))
         txt_q, txt_k, txt_v = self.txt_attn.heads(self.txt_attn.qkv(txt_mod1.modulate(txt)))
@@ -280,7 +314,7 @@ class DoubleStreamBlock(nn.Module):
         q = sites("q", apply_rope(torch.cat((txt_q, img_q), dim=2), pe))
         k = sites("k", apply_rope(torch.cat((txt_k, img_k), dim=2), pe))
         v = sites("v", torch.cat((txt_v, img_v), dim=2))
-        out = merge_heads(attention(q, k, v))  # (B, T + L, D)
+        out = merge_heads(attention(q, *with_references(k, v, num_txt, references)))  # (B, T + L, D)
         txt_out, img_out = sites("txt_attn", out[:, :num_txt]), sites("img_attn", out[:, num_txt:])
 
         img = img_mod1.residual(img, self.img_attn.proj(img_out))
@@ -315,6 +349,16 @@ class DoubleStreamBlock(nn.Module):
         c = sites("concepts", mod2.residual(c, few_token_mlp(self.txt_mlp, mod2.modulate(c))))
         return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
+    def reference_forward(self, ref: Tensor, pe: Tensor, mod: SharedModulation) -> tuple[Tensor, BlockKV]:
+        """klein 9B KV: reference tokens ref (B, R, D) alone through the image stream, attending only to each
+        other, with their own modulation -> (ref after the block, their keys and values)."""
+        mod1, mod2 = mod.img
+        q, k, v = self.img_attn.heads(self.img_attn.qkv(mod1.modulate(ref)))
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
+        ref = mod1.residual(ref, self.img_attn.proj(merge_heads(attention(q, k, v))))
+        ref = mod2.residual(ref, self.img_mlp(mod2.modulate(ref)))
+        return ref, BlockKV(k, v)
+
 
 class SingleStreamBlock(nn.Module):
     """Text and image as one sequence; attention and SwiGLU MLP in parallel from fused projections."""
@@ -341,11 +385,13 @@ class SingleStreamBlock(nn.Module):
         concept_mod: SharedModulation | None = None,
         num_txt: int = 0,
         sites: Sites = NO_SITES,
+        references: BlockKV | None = None,
     ) -> tuple[Tensor, ConceptLayer | None]:
-        """x (B, T + L, D), text first -> (x, concept layer or None); num_txt = T is needed with concepts."""
+        """x (B, T + L, D), text first -> (x, concept layer or None); num_txt = T is needed with concepts and
+        with cached `references`, which are attended to as well."""
         q_raw, k, v, mlp_in = self.split(self.linear1(mod.single.modulate(x)))
         q, k, v = sites("q", apply_rope(q_raw, pe)), sites("k", apply_rope(k, pe)), sites("v", v)
-        out = sites("attn", merge_heads(attention(q, k, v)))
+        out = sites("attn", merge_heads(attention(q, *with_references(k, v, num_txt, references))))
         mlp_act = sites("mlp", self.mlp_act(mlp_in))
         x_next = sites("x", mod.single.residual(x, self.output(out, mlp_act)))
         if concepts is None:
@@ -388,6 +434,14 @@ class SingleStreamBlock(nn.Module):
         c = sites("concepts", mod.single.residual(concepts.tokens, few_token_linear(self.linear2, h)))
         return concept_layer(concepts.advance(c), o_c, k_c, v_c, img_q, img_v, img_out)
 
+    def reference_forward(self, ref: Tensor, pe: Tensor, mod: SharedModulation) -> tuple[Tensor, BlockKV]:
+        """klein 9B KV: reference tokens ref (B, R, D) alone through this block with their own modulation
+        -> (ref after the block, their keys and values)."""
+        q, k, v, mlp_in = self.split(self.linear1(mod.single.modulate(ref)))
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
+        out = merge_heads(attention(q, k, v))  # (B, R, D)
+        return mod.single.residual(ref, self.output(out, self.mlp_act(mlp_in))), BlockKV(k, v)
+
 
 class LastLayer(nn.Module):
     """Final adaLN (shift, scale; no gate) and the projection to output channels, without biases."""
@@ -404,6 +458,14 @@ class LastLayer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # The model
+
+
+def check_tokens(name: str, tokens: Tensor, ids: Tensor) -> None:
+    if tokens.ndim != 3 or ids.ndim != 3 or ids.shape[:2] != tokens.shape[:2] or ids.shape[2] != 4:
+        raise ValueError(
+            f"{name} must be (B, tokens, channels) with {name}_ids (B, tokens, 4) (FLUX.2 ids have 4 axes t, h, w, "
+            f"l), got {tuple(tokens.shape)} and {tuple(ids.shape)}"
+        )
 
 
 class Flux2(nn.Module):
@@ -486,32 +548,85 @@ class Flux2(nn.Module):
         concepts: ConceptStream | None = None,
         concepts_in_single_blocks: bool = True,
         sites: Sites = NO_SITES,
+        cond: Tensor | None = None,
+        cond_ids: Tensor | None = None,
+        reference_kv: ReferenceKV | None = None,
     ) -> Iterator[LayerOutput]:
         """Run the blocks one by one, yielding after each; stop iterating to stop the model early.
 
         Layers are numbered 0..depth-1 (double blocks), then depth.. (single blocks). The concept stream,
         when given, runs through the double blocks and (unless switched off) the single blocks.
-        `sites` reads or replaces named values on the way (`flux_mini.interp`)."""
-        if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (B, tokens, channels), got {tuple(img.shape)}, {tuple(txt.shape)}")
-        if img_ids.shape[-1] != 4 or txt_ids.shape[-1] != 4:
-            raise ValueError(f"FLUX.2 ids have 4 axes (t, h, w, l), got {img_ids.shape[-1]} and {txt_ids.shape[-1]}")
+        `sites` reads or replaces named values on the way (`flux_mini.interp`). Reference images: `cond`
+        (B, R, in_channels) with `cond_ids` (B, R, 4), appended after the noise tokens, or klein 9B KV's
+        `reference_kv`; either way each LayerOutput holds the L noise tokens only."""
+        self.check_inputs(img, img_ids, txt, txt_ids, cond, cond_ids, reference_kv)
+        if concepts is not None and (cond is not None or reference_kv is not None):
+            raise ValueError(
+                "ConceptAttention does not take reference images here: its maps are defined over the generated "
+                "image's tokens; compute concept maps in a run without references (cond / reference_kv)"
+            )
+        num_noise = img.shape[1]
+        if cond is not None:  # [noise ; references] in the image stream
+            img, img_ids = torch.cat((img, cond), dim=1), torch.cat((img_ids, cond_ids), dim=1)
         vec = sites("vec", self.conditioning(timesteps, guidance))
         mod = self.modulations(vec, sites)
         concept_mod = self.modulations(concepts.vec) if concepts is not None else None
         pe = self.rope(torch.cat((txt_ids, img_ids), dim=1), img.dtype)
         img, txt = sites("img_in", self.img_in(img)), sites("txt_in", self.txt_in(txt))
+        double_kv = reference_kv.double if reference_kv else (None,) * self.config.depth
+        single_kv = reference_kv.single if reference_kv else (None,) * self.config.depth_single_blocks
         for index, block in enumerate(self.double_blocks):
-            img, txt, concept = block(img, txt, pe, mod, concepts, concept_mod, sites.scoped(f"double_blocks.{index}"))
+            scope = sites.scoped(f"double_blocks.{index}")
+            img, txt, concept = block(img, txt, pe, mod, concepts, concept_mod, scope, double_kv[index])
             concepts = concept.stream if concept is not None else None
-            yield LayerOutput(index, img, vec, concept)
+            yield LayerOutput(index, img[:, :num_noise], vec, concept)
         concepts = concepts if concepts_in_single_blocks else None
         num_txt = txt.shape[1]
-        x = torch.cat((txt, img), dim=1)
+        noise = slice(num_txt, num_txt + num_noise)
+        x = torch.cat((txt, img), dim=1)  # (B, T + L (+ R), D)
         for index, block in enumerate(self.single_blocks):
-            x, concept = block(x, pe, mod, concepts, concept_mod, num_txt, sites.scoped(f"single_blocks.{index}"))
+            scope = sites.scoped(f"single_blocks.{index}")
+            x, concept = block(x, pe, mod, concepts, concept_mod, num_txt, scope, single_kv[index])
             concepts = concept.stream if concept is not None else None
-            yield LayerOutput(self.config.depth + index, x[:, num_txt:], vec, concept)
+            yield LayerOutput(self.config.depth + index, x[:, noise], vec, concept)
+
+    def check_inputs(self, img, img_ids, txt, txt_ids, cond, cond_ids, reference_kv) -> None:
+        if (cond is None) != (cond_ids is None):
+            raise ValueError("reference tokens need their ids: pass both cond and cond_ids, or neither")
+        if cond is not None and reference_kv is not None:
+            raise ValueError("pass the references once: as cond tokens or as reference_kv (klein 9B KV), not both")
+        pairs = [("img", img, img_ids), ("txt", txt, txt_ids)] + ([] if cond is None else [("cond", cond, cond_ids)])
+        for name, tokens, ids in pairs:
+            check_tokens(name, tokens, ids)
+        if cond is not None and cond.shape[0] != img.shape[0]:
+            raise ValueError(f"cond has batch {cond.shape[0]} but img has {img.shape[0]}: repeat the references")
+        if reference_kv is not None:
+            blocks = (len(reference_kv.double), len(reference_kv.single))
+            depths = (self.config.depth, self.config.depth_single_blocks)
+            if blocks != depths:
+                raise ValueError(f"reference_kv holds {blocks} (double, single) blocks, this model {depths}: build "
+                                 "it with this model's reference_kv")  # fmt: skip
+            batch = (reference_kv.double + reference_kv.single)[0].k.shape[0]
+            if batch != img.shape[0]:
+                raise ValueError(f"reference_kv has batch {batch} but img has {img.shape[0]}: build it for this batch")
+
+    def reference_kv(self, cond: Tensor, cond_ids: Tensor, guidance: Tensor | None = None) -> ReferenceKV:
+        """klein 9B KV: reference tokens cond (B, R, in_channels) with cond_ids (B, R, 4) -> their keys and
+        values in every block, to pass as `reference_kv` at every step. They run alone (they attend only to
+        each other) with the modulation of timestep 0, so one pass serves all steps."""
+        check_tokens("cond", cond, cond_ids)
+        vec = self.conditioning(cond.new_zeros(cond.shape[0]), guidance)
+        mod = self.modulations(vec)
+        pe = self.rope(cond_ids, cond.dtype)
+        ref = self.img_in(cond)  # (B, R, D)
+        double, single = [], []
+        for block in self.double_blocks:
+            ref, kv = block.reference_forward(ref, pe, mod)
+            double.append(kv)
+        for block in self.single_blocks:
+            ref, kv = block.reference_forward(ref, pe, mod)
+            single.append(kv)
+        return ReferenceKV(tuple(double), tuple(single))
 
     def concept_pass(
         self,
@@ -528,12 +643,14 @@ class Flux2(nn.Module):
         values: bool = False,
         last_layer: int | None = None,
         sites: Sites = NO_SITES,
+        **references: Tensor | ReferenceKV | None,
     ) -> Iterator[LayerOutput]:
         """`layers` with a fresh concept stream (the call `concept_attention.maps` makes for every generation);
-        the stream enters the single blocks only when `last_layer` (None: the last) is one of them."""
+        the stream enters the single blocks only when `last_layer` (None: the last) is one of them.
+        `references` (cond, cond_ids, reference_kv) reach `layers`, which refuses them with concepts."""
         stream = self.concept_stream(concept_txt, timesteps, concept_ids, guidance, attention, cross_attention, values)
         through_single = last_layer is None or last_layer >= self.config.depth
-        return self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, stream, through_single, sites)
+        return self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, stream, through_single, sites, **references)
 
     def velocity(self, last: LayerOutput) -> Tensor:
         """The output of the final layer on the last LayerOutput of `layers`: (B, L, out_channels)."""
@@ -548,9 +665,15 @@ class Flux2(nn.Module):
         timesteps: Tensor,
         guidance: Tensor | None = None,
         sites: Sites = NO_SITES,
+        cond: Tensor | None = None,
+        cond_ids: Tensor | None = None,
+        reference_kv: ReferenceKV | None = None,
     ) -> Tensor:
         """img (B, L, in_channels), img_ids (B, L, 4), txt (B, T, context_in_dim), txt_ids (B, T, 4),
-        timesteps (B,) in [0, 1], guidance (B,) for [dev] -> velocity (B, L, in_channels)."""
-        for layer in self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, sites=sites):
+        timesteps (B,) in [0, 1], guidance (B,) for [dev] -> velocity (B, L, in_channels) of the noise tokens.
+        Reference images: appended `cond` (B, R, in_channels) with `cond_ids` (B, R, 4), or klein 9B KV's
+        `reference_kv` (see `reference_kv`)."""
+        references = dict(cond=cond, cond_ids=cond_ids, reference_kv=reference_kv)
+        for layer in self.layers(img, img_ids, txt, txt_ids, timesteps, guidance, sites=sites, **references):
             pass
         return self.final_layer(layer.img, layer.vec)

@@ -1,5 +1,6 @@
-"""Text-to-image with FLUX.2 ([dev], [klein] 4B / 9B, distilled and Base): find the files, encode the prompt
-with the chat LLM, denoise, decode (flux2-format.md §6, §7, §9).
+"""Text-to-image and editing with reference images, FLUX.2 ([dev], [klein] 4B / 9B, distilled, Base and KV):
+find the files, encode the prompt with the chat LLM and the references with the AE, denoise, decode
+(flux2-format.md §6, §7, §9).
 
 A model folder is the official Hugging Face repo, BFL file and/or diffusers folders:
 
@@ -8,13 +9,20 @@ A model folder is the official Hugging Face repo, BFL file and/or diffusers fold
     ae.safetensors        the FLUX.2 autoencoder (else vae/); klein repos may hold only vae/
     text_encoder/         Mistral3ForConditionalGeneration ([dev]) or Qwen3ForCausalLM ([klein]), save_pretrained
     tokenizer/            its tokenizer with the chat template (else the tokenizer files in text_encoder/)
-    model_index.json      optional: diffusers' `is_distilled` tells klein from klein Base
+    model_index.json      optional: diffusers' `is_distilled` tells klein from klein Base, its
+                          `_class_name` Flux2KleinKVPipeline marks klein 9B KV
     sampling.json         optional overrides of the variant's defaults, e.g. {"max_length": 32, "num_steps": 8}
 
 Variants: "dev" (guidance embedded, 50 steps, guidance 4), "klein" (step-distilled: 4 steps, no guidance),
-"klein-base" (50 steps, real CFG 4 with the empty prompt as negative). Distilled and Base checkpoints have
-the same keys: the variant comes from `variant=`, else sampling.json, else model_index.json, else the file
-name ("base" in it), else klein.
+"klein-base" (50 steps, real CFG 4 with the empty prompt as negative), "klein-kv" (klein 9B KV: as klein, with
+the reference images' keys and values computed once and cached). Distilled, Base and KV checkpoints have the
+same keys: the variant comes from `variant=`, else sampling.json, else model_index.json, else the file name
+("kv" or "base" as a word in it, e.g. flux-2-klein-9b-kv.safetensors), else klein.
+
+References (§7.8, BFL's recipe): each is refused below 64 pixels a side or beyond an aspect ratio of 8,
+downscaled (LANCZOS, sides truncated) to at most 2024^2 pixels when it is the only one, 1024^2 each when there
+are several (diffusers caps every reference at 1024^2), center-cropped to multiples of 16 and AE-encoded;
+reference i sits at t = 10 + 10 i. BFL's code sets no limit on their number, nor does this pipeline.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from einops import rearrange, repeat
 from PIL import Image
 from torch import Tensor
 
@@ -60,13 +69,19 @@ class Flux2SamplingDefaults:
     max_length: int = 512  # text tokens, padding included
     width: int = 1024
     height: int = 1024
+    reference_kv: bool = False  # klein 9B KV: run the references once and cache their keys and values
 
 
 FLUX2_VARIANTS = {
     "dev": Flux2SamplingDefaults(num_steps=50, guidance=4.0, cfg=False),
     "klein": Flux2SamplingDefaults(num_steps=4, guidance=1.0, cfg=False),
     "klein-base": Flux2SamplingDefaults(num_steps=50, guidance=4.0, cfg=True),
+    "klein-kv": Flux2SamplingDefaults(num_steps=4, guidance=1.0, cfg=False, reference_kv=True),
 }
+KV_PIPELINE = "Flux2KleinKVPipeline"  # diffusers' model_index.json `_class_name` of the klein 9B KV repo
+ONE_REFERENCE_PIXELS = 2024**2  # a lone reference is downscaled to at most this many pixels
+REFERENCE_PIXELS = 1024**2  # each of several references
+MIN_REFERENCE_SIDE, MAX_REFERENCE_ASPECT = 64, 8
 SAMPLING_KEYS = {"variant", *(f.name for f in fields(Flux2SamplingDefaults))}
 TRANSFORMER_FILES = ("flux2-*.safetensors", "flux-2-*.safetensors")
 
@@ -150,9 +165,17 @@ def _variant(model: Flux2, files: Flux2Files, overrides: dict, requested: str | 
         return chosen
     if guided:
         return "dev"
-    if files.model_index is not None and "is_distilled" in (index := _read_json(files.model_index)):
+    index = {} if files.model_index is None else _read_json(files.model_index)
+    if index.get("_class_name") == KV_PIPELINE or _named(files.transformer, "kv"):
+        return "klein-kv"
+    if "is_distilled" in index:
         return "klein" if index["is_distilled"] else "klein-base"
-    return "klein-base" if re.search(r"\bbase\b", files.transformer.stem.replace("-", " ")) else "klein"
+    return "klein-base" if _named(files.transformer, "base") else "klein"
+
+
+def _named(path: Path, word: str) -> bool:
+    """Whether `word` is a whole word of the file name: flux-2-klein-9b-kv.safetensors is named "kv"."""
+    return re.search(rf"\b{word}\b", path.stem.replace("-", " ")) is not None
 
 
 def _sampling_overrides(path: Path | None) -> dict:
@@ -252,15 +275,19 @@ class Flux2Pipeline:
     def check_size(self, height: int, width: int) -> None:
         self.autoencoder.check_size(height, width)
 
-    def memory_estimate(self, height: int, width: int, batch: int = 1, concepts: int = 0) -> dict[str, int]:
+    def memory_estimate(
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, reference_tokens: int = 0
+    ) -> dict[str, int]:
         """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token
-        per 16x16 pixels (the AE patchifies), the padded text length, the AE's widest full-resolution layer."""
+        per 16x16 pixels (the AE patchifies) plus the references' (`reference_tokens`, counted as image tokens;
+        klein 9B KV also keeps their keys and values for every block), the padded text length, the AE's widest
+        full-resolution layer."""
         config, autoencoder = self.model.config, self.autoencoder
         h, w = flux2_latent_size(height, width, autoencoder.downsample_factor)
         llm = self.text_encoder.model.config
         size = RunSize(
             batch=batch,
-            image_tokens=h * w,
+            image_tokens=h * w + reference_tokens,
             text_tokens=self.text_encoder.max_length,
             hidden=config.hidden_size,
             heads=config.num_heads,
@@ -272,12 +299,19 @@ class Flux2Pipeline:
             autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
             t5_heads=getattr(llm, "text_config", llm).num_attention_heads,  # the LLM's (B, heads, T, T) scores
         )
-        return estimate_bytes(size)
+        estimate = estimate_bytes(size)
+        if self.defaults.reference_kv:  # a key and a value per reference token in every block
+            cache = 2 * config.num_layers * batch * reference_tokens * config.hidden_size
+            estimate["transformer"] += cache * self.dtype.itemsize
+        return estimate
 
-    def check_memory(self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None):
+    def check_memory(
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None,
+        reference_tokens: int = 0,
+    ):  # fmt: skip
         """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
         check_fits(
-            lambda h, w: self.memory_estimate(h, w, batch, concepts), height, width, batch,
+            lambda h, w: self.memory_estimate(h, w, batch, concepts, reference_tokens), height, width, batch,
             self.autoencoder.downsample_factor, self.device, available,
             f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
         )
@@ -309,7 +343,28 @@ class Flux2Pipeline:
         return flux2_pack(noise), flux2_image_ids(num_samples, h, w, device=self.device)
 
     def timesteps(self, num_steps: int, image_seq_len: int) -> list[float]:
+        """The schedule for `image_seq_len` noise tokens (reference tokens do not count)."""
         return get_flux2_schedule(num_steps, image_seq_len)
+
+    def encode_references(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
+        """Reference images -> cond tokens (1, R, 128) in the pipeline dtype and cond_ids (1, R, 4) on the device,
+        reference i at t = 10 + 10 i on its own grid (module docstring for the preparation)."""
+        check_references(images)
+        max_pixels = reference_pixel_cap(len(images))
+        tokens, ids = [], []
+        for index, image in enumerate(images):
+            pixels = reference_pixels(image, max_pixels, _reference_name(image, index)).to(self.device)
+            with self.on_device(self.autoencoder):
+                latent = self.autoencoder.encode(pixels)  # (1, 128, h, w): the mean, patchified and normalised
+            tokens.append(flux2_pack(latent).to(self.dtype))
+            ids.append(flux2_image_ids(1, *latent.shape[-2:], t=10 + 10 * index, device=self.device))
+        return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+    def reference_tokens(self, images: list[Image.Image]) -> int:
+        """R, the number of tokens `encode_references` makes of these images, from their sizes alone."""
+        sizes = [reference_size(*image.size, reference_pixel_cap(len(images))) for image in images]
+        factor = self.autoencoder.downsample_factor
+        return sum((width // factor) * (height // factor) for width, height in sizes)
 
     # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
 
@@ -393,10 +448,14 @@ class Flux2Pipeline:
         progress: bool = True,
         interventions=None,
         grad: bool = False,
+        cond: Tensor | None = None,
+        cond_ids: Tensor | None = None,
     ) -> Tensor:
         """The Euler loop: `guidance` is embedded for [dev], the CFG scale with `negative_txt` for Base, and
         unused by step-distilled klein (see `settings`). `interventions` (`flux_mini.interp.Interventions`)
-        caches or patches named sites per step (with CFG: see `denoise_flux2`); autograd only with `grad`."""
+        caches or patches named sites per step (with CFG: see `denoise_flux2`); autograd only with `grad`.
+        Reference tokens `cond`, `cond_ids` (`encode_references`, batch B) are appended at every step, or
+        cached once for klein 9B KV."""
         guidance = self.defaults.guidance if guidance is None else guidance
         embedded = guidance if self.model.config.use_guidance_embed else None
         if self.defaults.cfg and negative_txt is None:
@@ -404,7 +463,8 @@ class Flux2Pipeline:
         cfg = (negative_txt, guidance) if self.defaults.cfg else (None, None)
         with self.on_device(self.model):
             return denoise_flux2(
-                self.model, img, img_ids, txt, txt_ids, timesteps, embedded, *cfg, progress, interventions, grad
+                self.model, img, img_ids, txt, txt_ids, timesteps, embedded, *cfg, progress, interventions, grad,
+                cond, cond_ids, cache_references=cond is not None and self.defaults.reference_kv,
             )
 
     def decode_tokens(self, tokens: Tensor, height: int, width: int) -> Tensor:
@@ -428,6 +488,7 @@ class Flux2Pipeline:
         seed: int | torch.Generator = 0,
         progress: bool = True,
         interventions=None,
+        references: list[Image.Image] | None = None,
     ) -> Image.Image | list[Image.Image]:
         """Generate one image per prompt (a PIL image for a string, a list for a list; prompt i uses seed + i,
         so a list gives the images of a loop). Sizes must be multiples of 16; steps, guidance and size
@@ -435,19 +496,92 @@ class Flux2Pipeline:
         anything is allocated. `interventions` (`flux_mini.interp.Interventions`) caches or patches named
         sites at every (or chosen) denoising steps, as in FluxPipeline: `interventions.cache[step][name]`
         (with CFG, patches reach both passes and the cache holds the prompt's pass: see `denoise_flux2`).
-        Runs without autograd."""
+        `references` (PIL images) make it an edit of them, every prompt with the same references (module
+        docstring); appended references also fill rows of the sites (klein 9B KV's cached ones do not). Runs
+        without autograd."""
         prompts = prompt_list(prompt)
         width, height, num_steps, guidance = self.settings(width, height, num_steps, guidance)
         check_seed(seed, len(prompts))
-        self.check_memory(height, width, len(prompts))
+        if references is not None:
+            check_references(references)
+        reference_tokens = 0 if references is None else self.reference_tokens(references)
+        self.check_memory(height, width, len(prompts), reference_tokens=reference_tokens)
         with torch.no_grad():
             txt, txt_ids = self.encode_prompt(prompts)
             negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
+            cond, cond_ids = self.encode_references(references) if references is not None else (None, None)
+            if cond is not None:  # (1, R, ...) -> (B, R, ...): every prompt sees the same references
+                cond, cond_ids = (repeat(t, "1 r c -> b r c", b=len(prompts)) for t in (cond, cond_ids))
             img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
             timesteps = self.timesteps(num_steps, img.shape[1])
             tokens = self.denoise(
-                img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress, interventions
+                img, img_ids, txt, txt_ids, timesteps, guidance, negative_txt, progress, interventions,
+                cond=cond, cond_ids=cond_ids,
             )
             tokens = check_finite(tokens, "latents")
             images = self.to_pil(check_finite(self.decode_tokens(tokens, height, width), "decoded images"))
         return images[0] if isinstance(prompt, str) else images
+
+
+def check_references(images) -> None:
+    """A non-empty list of PIL images, each of a size BFL's preparation accepts (`reference_pixels`)."""
+    if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"references must be a non-empty list of PIL images, got {type(images).__name__}; "
+                         "pass references=[image] (or None for text-to-image)")  # fmt: skip
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"references[{index}] is a {type(image).__name__}, not a PIL image; open it with "
+                             "PIL.Image.open")  # fmt: skip
+        check_reference_size(image, _reference_name(image, index))
+
+
+def _reference_name(image: Image.Image, index: int) -> str:
+    """How an error names a reference: its position and, when PIL knows it, its file."""
+    file = getattr(image, "filename", "")
+    return f"reference {index + 1}" + (f" ({file})" if file else "")
+
+
+def check_reference_size(image: Image.Image, name: str = "reference image") -> None:
+    """BFL refuses a reference below 64 pixels a side or beyond an aspect ratio of 8."""
+    width, height = image.size
+    if min(width, height) < MIN_REFERENCE_SIDE:
+        raise ValueError(f"{name} is {width} x {height} pixels; FLUX.2 needs at least {MIN_REFERENCE_SIDE} pixels "
+                         "a side: use a larger image")  # fmt: skip
+    if max(width, height) > MAX_REFERENCE_ASPECT * min(width, height):
+        raise ValueError(f"{name} is {width} x {height} pixels, an aspect ratio above {MAX_REFERENCE_ASPECT}; "
+                         f"crop it to at most {MAX_REFERENCE_ASPECT}:1")  # fmt: skip
+
+
+def reference_pixel_cap(count: int) -> int:
+    """The most pixels each of `count` references keeps: 2024^2 for a lone one, 1024^2 each for several."""
+    return ONE_REFERENCE_PIXELS if count == 1 else REFERENCE_PIXELS
+
+
+def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """BFL's cap: above `max_pixels`, both sides times sqrt(max_pixels / pixels), truncated (the count stays
+    <= max_pixels, the aspect ratio about the same)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return int(width * scale), int(height * scale)
+
+
+def reference_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) of a prepared reference: downscaled, then cropped to multiples of 16."""
+    width, height = downscaled_size(width, height, max_pixels)
+    return width // 16 * 16, height // 16 * 16
+
+
+def reference_pixels(image: Image.Image, max_pixels: int, name: str = "reference image") -> Tensor:
+    """BFL's preparation of a reference -> (1, 3, H, W) in [-1, 1]: RGB; refused below 64 pixels a side or beyond
+    an aspect ratio of 8; downscaled with LANCZOS to at most `max_pixels` (`downscaled_size`); center-cropped to
+    multiples of 16."""
+    check_reference_size(image, name)
+    image = image.convert("RGB")
+    if (size := downscaled_size(*image.size, max_pixels)) != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    width, height = image.width // 16 * 16, image.height // 16 * 16
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return rearrange(pixels, "h w c -> 1 c h w").float() / 127.5 - 1.0
