@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from flux_mini.interp import Interventions
 from concept_attention.shapes import BACKGROUND_COLOURS, COLOURS, SHAPES, ShapesConfig, make_sample
+from flux_mini.interp import Interventions
 
 STREAM = 2
 
@@ -77,7 +77,8 @@ def recognition(pipe, images: int) -> None:
             out = pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=0.5, num_samples=2,
                                     prompt="" if protocol == "empty prompt" else sample.caption)
             predicted = upsampled_argmax(out.concept_maps, sample.mask.shape)
-            counts[SHAPES.index(sample.class_names[1])] += np.bincount(predicted[sample.mask == 1], minlength=len(words))
+            won = np.bincount(predicted[sample.mask == 1], minlength=len(words))
+            counts[SHAPES.index(sample.class_names[1])] += won
         right = sum(counts[i, 1 + i] for i in range(len(SHAPES))) / counts.sum()
         print(f"single-object recognition on {images} images, {protocol}: {100 * right:.0f}% of object pixels on "
               "the right shape word (chance among the shapes 33%); % of each shape's pixels won by "
@@ -115,7 +116,8 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
 def decodable(pipe, images: int) -> None:
     model = pipe.flux.model
-    sites = ["img_in"] + [f"double_blocks.{i}.{site}" for i in range(model.config.depth) for site in ("img_attn", "img")]
+    blocks = range(model.config.depth)
+    sites = ["img_in"] + [f"double_blocks.{i}.{site}" for i in blocks for site in ("img_attn", "img")]
     for protocol in ("empty prompt", "caption"):
         features, labels, image_of, two_shapes = {site: [] for site in sites}, [], [], []
         for index in range(images):
@@ -137,7 +139,9 @@ def decodable(pipe, images: int) -> None:
         for site in sites:
             x = torch.cat(features[site])
             hits = linear_probe_accuracy(x[train], labels[train], x[~train], labels[~train])
-            print(f"  {site:24s} {100 * hits.double().mean():.0f}%, two shapes {100 * hits[two_shapes[~train]].double().mean():.0f}%")
+            two = hits[two_shapes[~train]].double()
+            print(f"  {site:24s} {100 * hits.double().mean():.0f}%, two shapes "
+                  + (f"{100 * two.mean():.0f}%" if len(two) else "(no test image has two shapes)"))
 
 
 def drawn_shape(image, colour: str) -> str | None:
@@ -158,7 +162,8 @@ def drawing(pipe) -> None:
     right = {}
     for shape in SHAPES:
         prompts = [f"a {colour} {shape} {place}" for colour in colours for place in places]
-        drawn = [drawn_shape(image, prompt.split()[1]) for prompt, image in zip(prompts, pipe.flux(prompts, seed=0, progress=False))]
+        images = pipe.flux(prompts, seed=0, progress=False)
+        drawn = [drawn_shape(image, prompt.split()[1]) for prompt, image in zip(prompts, images)]
         right[shape] = sum(d == shape for d in drawn)
     print(f"drawn as asked: {sum(right.values())}/48 ("
           + ", ".join(f"{shape} {n}/16" for shape, n in right.items()) + ")")

@@ -199,7 +199,8 @@ def export_folder(model: Flux, text_folder: Path, out: Path, dtype: torch.dtype 
     export_transformer(model, out, "flux1-demo", dtype=dtype)
     patch = math.isqrt(model.config.in_channels // 3)  # 2x2 or 4x4 RGB pixels per token
     pixel_autoencoder(patch).save_json(out / "identity-autoencoder.json")
-    (out / "sampling.json").write_text(json.dumps({"t5_max_length": T5_MAX_LENGTH, "num_steps": 16, "width": 32, "height": 32}) + "\n")
+    sampling = {"t5_max_length": T5_MAX_LENGTH, "num_steps": 16, "width": 32, "height": 32}
+    (out / "sampling.json").write_text(json.dumps(sampling) + "\n")
     for name in ("t5", "clip"):
         shutil.copytree(text_folder / name, out / name, dirs_exist_ok=True)
     return out
@@ -242,10 +243,11 @@ def main() -> None:
     group.add_argument("--single-depth", type=int, help=f"single blocks, default {RECIPE_DEFAULTS['single_depth']}")
     group.add_argument("--single-object-steps", type=int,
                        help=f"curriculum: one object per image first, default {RECIPE_DEFAULTS['single_object_steps']}")
-    group.add_argument("--patch", type=int, choices=(2, 4), help=f"pixels per token side, default {RECIPE_DEFAULTS['patch']}")
+    group.add_argument("--patch", type=int, choices=(2, 4),
+                       help=f"pixels per token side, default {RECIPE_DEFAULTS['patch']}")
     group.add_argument("--caption-dropout", type=float,
-                       help="fraction of samples trained on the empty prompt (the shape must then come from the image), "
-                       f"default {RECIPE_DEFAULTS['caption_dropout']}")
+                       help="fraction of samples trained on the empty prompt (the shape must then come from the "
+                       f"image), default {RECIPE_DEFAULTS['caption_dropout']}")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")
