@@ -84,7 +84,8 @@ def recognition(pipe, images: int) -> None:
               "the right shape word (chance among the shapes 33%); % of each shape's pixels won by "
               + "/".join(words) + ":")
         for shape, row in zip(SHAPES, counts):
-            print(f"  {shape:9s} " + " ".join(f"{100 * n / row.sum():3.0f}" for n in row))
+            shares = " ".join(f"{100 * n / row.sum():3.0f}" for n in row) if row.sum() else "(no such image)"
+            print(f"  {shape:9s} {shares}")
 
 
 def object_tokens(mask: np.ndarray, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
