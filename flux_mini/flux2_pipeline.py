@@ -16,8 +16,10 @@ A model folder is the official Hugging Face repo, BFL file and/or diffusers fold
 Variants: "dev" (guidance embedded, 50 steps, guidance 4), "klein" (step-distilled: 4 steps, no guidance),
 "klein-base" (50 steps, real CFG 4 with the empty prompt as negative), "klein-kv" (klein 9B KV: as klein, with
 the reference images' keys and values computed once and cached). Distilled, Base and KV checkpoints have the
-same keys: the variant comes from `variant=`, else sampling.json, else model_index.json, else the file name
-("kv" or "base" as a word in it, e.g. flux-2-klein-9b-kv.safetensors), else klein.
+same keys: the variant comes from `variant=`, else sampling.json; else a guidance embedder means dev; else
+klein-kv when model_index.json's `_class_name` is Flux2KleinKVPipeline or "kv" is a word of the transformer's
+file name (flux-2-klein-9b-kv.safetensors); else model_index.json's `is_distilled`; else klein-base when "base"
+is a word of the file name; else klein.
 
 References (§7.8, BFL's recipe): each is refused below 64 pixels a side or beyond an aspect ratio of 8,
 downscaled (LANCZOS, sides truncated) to at most 2024^2 pixels when it is the only one, 1024^2 each when there

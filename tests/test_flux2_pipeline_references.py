@@ -218,6 +218,12 @@ def test_kv_variant_detection(klein, klein_kv, tmp_path):
     assert pipe.variant == "klein-kv" and pipe.defaults.num_steps == 4 and pipe.defaults.reference_kv
     assert Flux2Pipeline.from_folder(folder, variant="klein").variant == "klein"
     assert Flux2Pipeline.from_folder(klein, variant="klein-kv").defaults.reference_kv
+    # the order: KV clues, then is_distilled, then "base" in the file name (module docstring, README)
+    (folder / "flux-2-klein-kvasir-tiny.safetensors").rename(folder / "flux-2-klein-base-9b-kv.safetensors")
+    (folder / "model_index.json").write_text(json.dumps({"is_distilled": True}))
+    assert Flux2Pipeline.from_folder(folder).variant == "klein-kv"  # "kv" in the name beats is_distilled
+    (folder / "flux-2-klein-base-9b-kv.safetensors").rename(folder / "flux-2-klein-base-9b.safetensors")
+    assert Flux2Pipeline.from_folder(folder).variant == "klein"  # is_distilled beats "base" in the name
 
 
 def test_cli_edits_with_flux2_references(klein_kv, tmp_path, capsys):
