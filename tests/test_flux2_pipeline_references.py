@@ -176,7 +176,7 @@ def test_encode_references_runs_without_autograd_and_moves_the_ae_once(klein, mo
         return contextlib.nullcontext()
 
     monkeypatch.setattr(pipe, "on_device", on_device)
-    cond, cond_ids = pipe.encode_references([picture(64, 64), picture(80, 64), picture(64, 96)])
+    cond = pipe.encode_references([picture(64, 64), picture(80, 64), picture(64, 96)])[0]
     assert cond.is_inference() and moved == [(pipe.autoencoder,)]
 
 
@@ -247,8 +247,30 @@ def autoencoder_bytes(pipe: Flux2Pipeline, batch: int, width: int, height: int) 
     """The AE stage of flux_mini.memory's estimate for `batch` images of width x height (no other stage)."""
     config = pipe.autoencoder.config
     size = RunSize(batch=batch, image_tokens=0, text_tokens=0, hidden=1, heads=1, mlp_ratio=1.0, token_channels=0,
-                   dtype_bytes=4, pixels=width * height, autoencoder_channels=config.ch * config.ch_mult[0])  # fmt: skip
+                   dtype_bytes=4, pixels=width * height,
+                   autoencoder_channels=config.ch * config.ch_mult[0])  # fmt: skip
     return estimate_bytes(size)["autoencoder"]
+
+
+def test_cli_refuses_bad_references_before_loading(klein, tmp_path, capsys, monkeypatch):
+    """A reference FLUX.2 cannot take is refused before the model loads; Flux.1 takes no --reference at all."""
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 40)).save(small)
+    args = ["generate", "--prompt", PROMPT, "--out", str(tmp_path / "out.png"), "--device", "cpu", "--quiet",
+            "--reference", str(small)]  # fmt: skip
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the references were checked")
+
+    monkeypatch.setattr(Flux2Pipeline, "from_folder", load)
+    assert main([*args, "--weights", str(klein)]) == 2
+    assert f"reference 1 ({small}) is 40 x 40 pixels" in capsys.readouterr().err
+    flux1 = tmp_path / "flux1"
+    assert main(["tiny", str(flux1)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--weights", str(flux1)]) == 2
+    error = capsys.readouterr().err
+    assert "--reference needs a FLUX.2 or FLUX.3 model folder (Flux.1 generates from text here)" in error
 
 
 def test_memory_guard_counts_the_references(klein, klein_kv, monkeypatch):
