@@ -354,10 +354,11 @@ class Flux2Pipeline:
         """The schedule for `image_seq_len` noise tokens (reference tokens do not count)."""
         return get_flux2_schedule(num_steps, image_seq_len)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_references(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
         """Reference images -> cond tokens (1, R, 128) in the pipeline dtype and cond_ids (1, R, 4) on the device,
-        reference i at t = 10 + 10 i on its own grid (module docstring for the preparation)."""
+        reference i at t = 10 + 10 i on its own grid (module docstring for the preparation). No autograd through
+        the AE; no_grad rather than inference_mode, so that the tokens can enter `denoise(grad=True)`."""
         check_references(images)
         max_pixels = reference_pixel_cap(len(images))
         tokens, ids = [], []

@@ -167,8 +167,10 @@ def test_encode_references_picks_the_cap_by_count(klein, monkeypatch):
         assert encoded == sizes  # (H, W): the pair at 1024^2 each (1007 x 1040, 1121 x 934), the lone one kept
 
 
-def test_encode_references_runs_without_autograd_and_moves_the_ae_once(klein, monkeypatch):
-    pipe = Flux2Pipeline.from_folder(klein)
+def test_encode_references_runs_without_autograd_and_moves_the_ae_once(klein_kv, monkeypatch):
+    """No graph through the AE, yet tokens a gradient-tracking denoise can take (klein 9B KV's reference pass
+    could not save inference tensors for backward)."""
+    pipe = Flux2Pipeline.from_folder(klein_kv)
     moved = []
 
     def on_device(*modules):
@@ -176,8 +178,13 @@ def test_encode_references_runs_without_autograd_and_moves_the_ae_once(klein, mo
         return contextlib.nullcontext()
 
     monkeypatch.setattr(pipe, "on_device", on_device)
-    cond = pipe.encode_references([picture(64, 64), picture(80, 64), picture(64, 96)])[0]
-    assert cond.is_inference() and moved == [(pipe.autoencoder,)]
+    cond, cond_ids = pipe.encode_references([picture(64, 64), picture(80, 64), picture(64, 96)])
+    assert not cond.requires_grad and moved == [(pipe.autoencoder,)]
+    img, img_ids = pipe.prepare_latents(1, 64, 64, seed=0)
+    txt, txt_ids = pipe.encode_prompt([PROMPT])
+    tokens = pipe.denoise(img, img_ids, txt, txt_ids, [1.0, 0.0], progress=False, grad=True, cond=cond,
+                          cond_ids=cond_ids)  # fmt: skip
+    assert tokens.requires_grad
 
 
 def test_reference_crop_and_value_range():
