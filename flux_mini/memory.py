@@ -85,7 +85,8 @@ def fitting_size(
     height: int, width: int, multiple: int, needed: Callable[[int, int], int], budget: int
 ) -> tuple[int, int] | None:
     """The largest (height, width) of the same aspect ratio, in multiples of `multiple`, with needed(h, w) <=
-    budget; None when not even multiple x multiple fits (the text encoder alone is too large)."""
+    budget; None when not even multiple x multiple fits (the text encoder, or the reference images, alone are
+    too large)."""
 
     def snap(scale: float) -> tuple[int, int]:
         return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in (height, width))
