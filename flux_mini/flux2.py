@@ -216,7 +216,8 @@ class SharedModulation:
 
 @dataclass(frozen=True)
 class BlockKV:
-    """One block's reference-token keys (after QK-norm and RoPE) and values, (B, H, R, Dh) each."""
+    """One block's reference-token keys (after QK-norm and RoPE) and values, (B, H, R, Dh) each; B may be 1
+    for a batch that shares its references."""
 
     k: Tensor
     v: Tensor
@@ -236,8 +237,9 @@ def with_references(k: Tensor, v: Tensor, num_txt: int, references: BlockKV | No
     if references is None:
         return k, v
     text, image = slice(None, num_txt), slice(num_txt, None)
-    return (torch.cat((k[:, :, text], references.k, k[:, :, image]), dim=2),
-            torch.cat((v[:, :, text], references.v, v[:, :, image]), dim=2))  # fmt: skip
+    ref_k, ref_v = (t.expand(k.shape[0], -1, -1, -1) for t in (references.k, references.v))  # a batch-1 cache: views
+    return (torch.cat((k[:, :, text], ref_k, k[:, :, image]), dim=2),
+            torch.cat((v[:, :, text], ref_v, v[:, :, image]), dim=2))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +463,7 @@ class LastLayer(nn.Module):
 
 
 def check_tokens(name: str, tokens: Tensor, ids: Tensor) -> None:
+    """Refuse tokens that are not (B, N, channels) with ids (B, N, 4)."""
     if tokens.ndim != 3 or ids.ndim != 3 or ids.shape[:2] != tokens.shape[:2] or ids.shape[2] != 4:
         raise ValueError(
             f"{name} must be (B, tokens, channels) with {name}_ids (B, tokens, 4) (FLUX.2 ids have 4 axes t, h, w, "
@@ -573,8 +576,8 @@ class Flux2(nn.Module):
         concept_mod = self.modulations(concepts.vec) if concepts is not None else None
         pe = self.rope(torch.cat((txt_ids, img_ids), dim=1), img.dtype)
         img, txt = sites("img_in", self.img_in(img)), sites("txt_in", self.txt_in(txt))
-        double_kv = reference_kv.double if reference_kv else (None,) * self.config.depth
-        single_kv = reference_kv.single if reference_kv else (None,) * self.config.depth_single_blocks
+        double_kv = reference_kv.double if reference_kv is not None else (None,) * self.config.depth
+        single_kv = reference_kv.single if reference_kv is not None else (None,) * self.config.depth_single_blocks
         for index, block in enumerate(self.double_blocks):
             scope = sites.scoped(f"double_blocks.{index}")
             img, txt, concept = block(img, txt, pe, mod, concepts, concept_mod, scope, double_kv[index])
@@ -590,7 +593,17 @@ class Flux2(nn.Module):
             concepts = concept.stream if concept is not None else None
             yield LayerOutput(self.config.depth + index, x[:, noise], vec, concept)
 
-    def check_inputs(self, img, img_ids, txt, txt_ids, cond, cond_ids, reference_kv) -> None:
+    def check_inputs(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        cond: Tensor | None,
+        cond_ids: Tensor | None,
+        reference_kv: ReferenceKV | None,
+    ) -> None:
+        """Refuse inputs of the wrong shapes, and references that do not fit the image tokens or the model."""
         if (cond is None) != (cond_ids is None):
             raise ValueError("reference tokens need their ids: pass both cond and cond_ids, or neither")
         if cond is not None and reference_kv is not None:
@@ -598,8 +611,14 @@ class Flux2(nn.Module):
         pairs = [("img", img, img_ids), ("txt", txt, txt_ids)] + ([] if cond is None else [("cond", cond, cond_ids)])
         for name, tokens, ids in pairs:
             check_tokens(name, tokens, ids)
-        if cond is not None and cond.shape[0] != img.shape[0]:
-            raise ValueError(f"cond has batch {cond.shape[0]} but img has {img.shape[0]}: repeat the references")
+        if cond is not None:
+            if cond.shape[0] != img.shape[0]:
+                raise ValueError(f"cond has batch {cond.shape[0]} but img has {img.shape[0]}: repeat the references")
+            if cond.dtype != img.dtype or cond.shape[2] != img.shape[2]:
+                raise ValueError(
+                    f"cond is {cond.dtype} with {cond.shape[2]} channels but img is {img.dtype} with {img.shape[2]}: "
+                    "encode the references as the noise tokens (same dtype, the AE's latent channels)"
+                )
         if reference_kv is not None:
             blocks = (len(reference_kv.double), len(reference_kv.single))
             depths = (self.config.depth, self.config.depth_single_blocks)
@@ -607,13 +626,17 @@ class Flux2(nn.Module):
                 raise ValueError(f"reference_kv holds {blocks} (double, single) blocks, this model {depths}: build "
                                  "it with this model's reference_kv")  # fmt: skip
             batch = (reference_kv.double + reference_kv.single)[0].k.shape[0]
-            if batch != img.shape[0]:
-                raise ValueError(f"reference_kv has batch {batch} but img has {img.shape[0]}: build it for this batch")
+            if batch not in (1, img.shape[0]):
+                raise ValueError(f"reference_kv has batch {batch} but img has {img.shape[0]}: build it for this batch "
+                                 "(or at batch 1, shared by every image)")  # fmt: skip
 
     def reference_kv(self, cond: Tensor, cond_ids: Tensor, guidance: Tensor | None = None) -> ReferenceKV:
         """klein 9B KV: reference tokens cond (B, R, in_channels) with cond_ids (B, R, 4) -> their keys and
         values in every block, to pass as `reference_kv` at every step. They run alone (they attend only to
-        each other) with the modulation of timestep 0, so one pass serves all steps."""
+        each other) with the modulation of timestep 0, so one pass serves all steps. A batch-1 cache serves a
+        batch of any size that shares its references."""
+        if cond is None or cond_ids is None:
+            raise ValueError("reference tokens need their ids: pass both cond and cond_ids")
         check_tokens("cond", cond, cond_ids)
         vec = self.conditioning(cond.new_zeros(cond.shape[0]), guidance)
         mod = self.modulations(vec)

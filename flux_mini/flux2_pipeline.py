@@ -16,8 +16,10 @@ A model folder is the official Hugging Face repo, BFL file and/or diffusers fold
 Variants: "dev" (guidance embedded, 50 steps, guidance 4), "klein" (step-distilled: 4 steps, no guidance),
 "klein-base" (50 steps, real CFG 4 with the empty prompt as negative), "klein-kv" (klein 9B KV: as klein, with
 the reference images' keys and values computed once and cached). Distilled, Base and KV checkpoints have the
-same keys: the variant comes from `variant=`, else sampling.json, else model_index.json, else the file name
-("kv" or "base" as a word in it, e.g. flux-2-klein-9b-kv.safetensors), else klein.
+same keys: the variant comes from `variant=`, else sampling.json; else a guidance embedder means dev; else
+klein-kv when model_index.json's `_class_name` is Flux2KleinKVPipeline or "kv" is a word of the transformer's
+file name (flux-2-klein-9b-kv.safetensors); else model_index.json's `is_distilled`; else klein-base when "base"
+is a word of the file name; else klein.
 
 References (§7.8, BFL's recipe): each is refused below 64 pixels a side or beyond an aspect ratio of 8,
 downscaled (LANCZOS, sides truncated) to at most 2024^2 pixels when it is the only one, 1024^2 each when there
@@ -276,12 +278,14 @@ class Flux2Pipeline:
         self.autoencoder.check_size(height, width)
 
     def memory_estimate(
-        self, height: int, width: int, batch: int = 1, concepts: int = 0, reference_tokens: int = 0
-    ) -> dict[str, int]:
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, reference_tokens: int = 0,
+        reference_pixels: int = 0,
+    ) -> dict[str, int]:  # fmt: skip
         """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token
         per 16x16 pixels (the AE patchifies) plus the references' (`reference_tokens`, counted as image tokens;
-        klein 9B KV also keeps their keys and values for every block), the padded text length, the AE's widest
-        full-resolution layer."""
+        klein 9B KV also keeps their keys and values for every block, once for the batch), the padded text
+        length, the AE's widest full-resolution layer, which encodes the largest prepared reference
+        (`reference_pixels`, one at a time) as well as decoding the B outputs."""
         config, autoencoder = self.model.config, self.autoencoder
         h, w = flux2_latent_size(height, width, autoencoder.downsample_factor)
         llm = self.text_encoder.model.config
@@ -300,20 +304,24 @@ class Flux2Pipeline:
             t5_heads=getattr(llm, "text_config", llm).num_attention_heads,  # the LLM's (B, heads, T, T) scores
         )
         estimate = estimate_bytes(size)
-        if self.defaults.reference_kv:  # a key and a value per reference token in every block
-            cache = 2 * config.num_layers * batch * reference_tokens * config.hidden_size
+        encoding = estimate_bytes(replace(size, batch=1, pixels=reference_pixels))["autoencoder"]
+        estimate["autoencoder"] = max(estimate["autoencoder"], encoding)
+        if self.defaults.reference_kv:  # a key and a value per reference token in every block, shared by the batch
+            cache = 2 * config.num_layers * reference_tokens * config.hidden_size
             estimate["transformer"] += cache * self.dtype.itemsize
         return estimate
 
     def check_memory(
         self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None,
-        reference_tokens: int = 0,
+        reference_tokens: int = 0, reference_pixels: int = 0,
     ):  # fmt: skip
-        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
+        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits
+        (or, when the references are what does not fit, saying so)."""
         check_fits(
-            lambda h, w: self.memory_estimate(h, w, batch, concepts, reference_tokens), height, width, batch,
-            self.autoencoder.downsample_factor, self.device, available,
+            lambda h, w: self.memory_estimate(h, w, batch, concepts, reference_tokens, reference_pixels), height,
+            width, batch, self.autoencoder.downsample_factor, self.device, available,
             f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
+            reference_tokens,
         )
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
@@ -346,25 +354,26 @@ class Flux2Pipeline:
         """The schedule for `image_seq_len` noise tokens (reference tokens do not count)."""
         return get_flux2_schedule(num_steps, image_seq_len)
 
+    @torch.no_grad()
     def encode_references(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
         """Reference images -> cond tokens (1, R, 128) in the pipeline dtype and cond_ids (1, R, 4) on the device,
-        reference i at t = 10 + 10 i on its own grid (module docstring for the preparation)."""
+        reference i at t = 10 + 10 i on its own grid (module docstring for the preparation). No autograd through
+        the AE; no_grad rather than inference_mode, so that the tokens can enter `denoise(grad=True)`."""
         check_references(images)
         max_pixels = reference_pixel_cap(len(images))
         tokens, ids = [], []
-        for index, image in enumerate(images):
-            pixels = reference_pixels(image, max_pixels, _reference_name(image, index)).to(self.device)
-            with self.on_device(self.autoencoder):
+        with self.on_device(self.autoencoder):
+            for index, image in enumerate(images):
+                pixels = reference_pixels(image, max_pixels, _reference_name(image, index)).to(self.device)
                 latent = self.autoencoder.encode(pixels)  # (1, 128, h, w): the mean, patchified and normalised
-            tokens.append(flux2_pack(latent).to(self.dtype))
-            ids.append(flux2_image_ids(1, *latent.shape[-2:], t=10 + 10 * index, device=self.device))
+                tokens.append(flux2_pack(latent).to(self.dtype))
+                ids.append(flux2_image_ids(1, *latent.shape[-2:], t=10 + 10 * index, device=self.device))
         return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
 
     def reference_tokens(self, images: list[Image.Image]) -> int:
         """R, the number of tokens `encode_references` makes of these images, from their sizes alone."""
-        sizes = [reference_size(*image.size, reference_pixel_cap(len(images))) for image in images]
         factor = self.autoencoder.downsample_factor
-        return sum((width // factor) * (height // factor) for width, height in sizes)
+        return sum((width // factor) * (height // factor) for width, height in prepared_sizes(images))
 
     # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
 
@@ -455,7 +464,7 @@ class Flux2Pipeline:
         unused by step-distilled klein (see `settings`). `interventions` (`flux_mini.interp.Interventions`)
         caches or patches named sites per step (with CFG: see `denoise_flux2`); autograd only with `grad`.
         Reference tokens `cond`, `cond_ids` (`encode_references`, batch B) are appended at every step, or
-        cached once for klein 9B KV."""
+        cached once for klein 9B KV (there batch 1 serves all B images)."""
         guidance = self.defaults.guidance if guidance is None else guidance
         embedded = guidance if self.model.config.use_guidance_embed else None
         if self.defaults.cfg and negative_txt is None:
@@ -505,12 +514,14 @@ class Flux2Pipeline:
         if references is not None:
             check_references(references)
         reference_tokens = 0 if references is None else self.reference_tokens(references)
-        self.check_memory(height, width, len(prompts), reference_tokens=reference_tokens)
+        reference_pixels = 0 if references is None else max(w * h for w, h in prepared_sizes(references))
+        self.check_memory(height, width, len(prompts), reference_tokens=reference_tokens,
+                          reference_pixels=reference_pixels)  # fmt: skip
         with torch.no_grad():
             txt, txt_ids = self.encode_prompt(prompts)
             negative_txt = self.encode_prompt([""] * len(prompts))[0] if self.defaults.cfg else None
             cond, cond_ids = self.encode_references(references) if references is not None else (None, None)
-            if cond is not None:  # (1, R, ...) -> (B, R, ...): every prompt sees the same references
+            if cond is not None and not self.defaults.reference_kv:  # (1, R, ..) -> (B, R, ..): the same references
                 cond, cond_ids = (repeat(t, "1 r c -> b r c", b=len(prompts)) for t in (cond, cond_ids))
             img, img_ids = self.prepare_latents(len(prompts), height, width, seed)
             timesteps = self.timesteps(num_steps, img.shape[1])
@@ -572,6 +583,11 @@ def reference_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return width // 16 * 16, height // 16 * 16
 
 
+def prepared_sizes(images: list[Image.Image]) -> list[tuple[int, int]]:
+    """The (width, height) of each reference as `encode_references` prepares it, under the cap for their count."""
+    return [reference_size(*image.size, reference_pixel_cap(len(images))) for image in images]
+
+
 def reference_pixels(image: Image.Image, max_pixels: int, name: str = "reference image") -> Tensor:
     """BFL's preparation of a reference -> (1, 3, H, W) in [-1, 1]: RGB; refused below 64 pixels a side or beyond
     an aspect ratio of 8; downscaled with LANCZOS to at most `max_pixels` (`downscaled_size`); center-cropped to
@@ -583,5 +599,5 @@ def reference_pixels(image: Image.Image, max_pixels: int, name: str = "reference
     width, height = image.width // 16 * 16, image.height // 16 * 16
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.crop((left, top, left + width, top + height))
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
-    return rearrange(pixels, "h w c -> 1 c h w").float() / 127.5 - 1.0
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)  # RGB rows, (H * W * 3,)
+    return rearrange(pixels, "(h w c) -> 1 c h w", h=height, w=width).float() / 127.5 - 1.0

@@ -85,7 +85,8 @@ def fitting_size(
     height: int, width: int, multiple: int, needed: Callable[[int, int], int], budget: int
 ) -> tuple[int, int] | None:
     """The largest (height, width) of the same aspect ratio, in multiples of `multiple`, with needed(h, w) <=
-    budget; None when not even multiple x multiple fits (the text encoder alone is too large)."""
+    budget; None when not even multiple x multiple fits (the text encoder, or the reference images, alone are
+    too large)."""
 
     def snap(scale: float) -> tuple[int, int]:
         return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in (height, width))
@@ -108,17 +109,28 @@ def check_fits(
     device: torch.device,
     available: int | None,
     no_fit: str,
+    reference_tokens: int = 0,
 ) -> None:
     """Refuse a run whose estimate(height, width) exceeds `available` bytes (None: the device's free memory),
-    naming the estimate per stage and the largest size of the same aspect ratio that fits (else `no_fit`)."""
+    naming the estimate per stage and the largest size of the same aspect ratio that fits (else `no_fit`). With
+    reference images (`reference_tokens` > 0) it names them too: fewer or smaller ones may fit where no output
+    size can."""
     available = available_bytes(device) if available is None else available
     parts = estimate(height, width)
     if max(parts.values()) <= available:
         return
     detail = ", ".join(f"{name} {gib(count)}" for name, count in parts.items())
     what = f"a batch of {batch} at {width}x{height}" if batch > 1 else f"{width}x{height}"
+    if reference_tokens:
+        what += f" with {reference_tokens} reference-image tokens"
     fits = fitting_size(height, width, multiple, lambda h, w: max(estimate(h, w).values()), available)
-    fix = f"use a size that fits, e.g. width {fits[1]} and height {fits[0]}" if fits else no_fit
+    if fits:
+        fix = f"use a size that fits, e.g. width {fits[1]} and height {fits[0]}"
+        fix += ", or fewer or smaller reference images" if reference_tokens else ""
+    elif reference_tokens and estimate(multiple, multiple)["text encoder"] <= available:
+        fix = "the reference images alone do not fit, whatever the output size: use fewer or smaller ones"
+    else:
+        fix = no_fit
     raise RunTooLargeError(
         f"{what} needs about {gib(max(parts.values()))} ({detail}) but {device} has {gib(available)} free; {fix}"
     )

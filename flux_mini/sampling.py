@@ -299,7 +299,7 @@ def denoise_flux2(
 
     Reference images `cond` (B, R, 128) with `cond_ids` (B, R, 4) are appended after the noise tokens at every
     step, or, with `cache_references` (klein 9B KV), run once and attended to through their cached keys and
-    values (`Flux2.reference_kv`).
+    values (`Flux2.reference_kv`); there a batch of 1 serves every image, one reference pass instead of B.
 
     Guidance-distilled models ([dev]) take `guidance` through their embedder (None for klein). Base models
     use real classifier-free guidance: with `negative_txt` (the empty prompt's features) and `cfg_scale`,
@@ -310,14 +310,15 @@ def denoise_flux2(
     prompt's (conditional) values. Autograd is off unless `grad`."""
     if (negative_txt is None) != (cfg_scale is None):
         raise ValueError("classifier-free guidance needs both negative_txt and cfg_scale (or neither)")
-    if cache_references and cond is None:
-        raise ValueError("cache_references=True caches reference images: pass cond and cond_ids")
+    if cache_references and (cond is None or cond_ids is None):
+        raise ValueError("cache_references=True caches reference images: pass both cond and cond_ids")
     guidance_vec = None if guidance is None else timestep_vector(guidance, img)
     steps = list(zip(timesteps[:-1], timesteps[1:]))
     with torch.set_grad_enabled(grad):
         references = {} if cond is None else dict(cond=cond, cond_ids=cond_ids)
         if cache_references:
-            references = dict(reference_kv=model.reference_kv(cond, cond_ids, guidance_vec))
+            guidance_refs = None if guidance_vec is None else guidance_vec[: len(cond)]  # cond: batch 1 or B
+            references = dict(reference_kv=model.reference_kv(cond, cond_ids, guidance_refs))
         for step, (t_curr, t_prev) in enumerate(tqdm(steps, desc="denoising", disable=not progress)):
             sites = {} if interventions is None else {"sites": interventions.sites(step)}
             inputs = dict(img=img, img_ids=img_ids, txt_ids=txt_ids, timesteps=timestep_vector(t_curr, img),

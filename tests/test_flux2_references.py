@@ -45,7 +45,8 @@ def models(request):
 
 
 def inputs(model: Flux2, batch=2, seed=0) -> dict:
-    """Noise tokens, text, and two references on their own grids (2 x 2 at t = 10, 1 x 3 at t = 20)."""
+    """Noise tokens, text, and two references on their own grids (2 x 2 at t = 10, 1 x 3 at t = 20); each batch
+    element has its own reference tokens (on shared ids), so that a mix-up across the batch shows."""
     config = model.config
     g = torch.Generator().manual_seed(seed)
     cond_ids = torch.cat((flux2_image_ids(batch, 2, 2, t=10), flux2_image_ids(batch, 1, 3, t=20)), dim=1)
@@ -54,10 +55,10 @@ def inputs(model: Flux2, batch=2, seed=0) -> dict:
         img_ids=flux2_image_ids(batch, ROWS, COLS),
         txt=torch.randn(batch, TEXT, config.context_in_dim, generator=g),
         txt_ids=flux2_text_ids(batch, TEXT),
-        cond=torch.randn(1, cond_ids.shape[1], config.in_channels, generator=g).repeat(batch, 1, 1),
+        cond=torch.randn(batch, cond_ids.shape[1], config.in_channels, generator=g),
         cond_ids=cond_ids,
-        timesteps=torch.tensor([0.73, 0.73]),
-        guidance=torch.tensor([4.0, 4.0]) if config.use_guidance_embed else None,
+        timesteps=torch.full((batch,), 0.73),
+        guidance=torch.full((batch,), 4.0) if config.use_guidance_embed else None,
     )
 
 
@@ -112,7 +113,7 @@ def test_reference_kv_matches_diffusers_extract_and_cached_steps(models):
         assert_close(block.v, v.transpose(1, 2), f"cached values of block {index}")
 
     # a later step: noise tokens only, the cache spliced between text and image keys
-    later = without_references(x) | {"img": torch.randn_like(x["img"]), "timesteps": torch.tensor([0.31, 0.31])}
+    later = without_references(x) | {"img": torch.randn_like(x["img"]), "timesteps": torch.full((2,), 0.31)}
     expected = theirs_forward(theirs, later, later["img"], later["img_ids"], kv_cache=cache, kv_cache_mode="cached")[0]
     assert_close(ours(**later, reference_kv=reference_kv), expected, "KV cached step")
 
@@ -120,6 +121,25 @@ def test_reference_kv_matches_diffusers_extract_and_cached_steps(models):
     assert (ours(**x) - first).abs().max() > 1e-2 * first.abs().max()
     wrong_kv = reference_kv_at(ours, x, 0.73)
     assert (ours(**without_references(x), reference_kv=wrong_kv) - first).abs().max() > 1e-3 * first.abs().max()
+
+
+@torch.no_grad()
+def test_a_batch_1_reference_kv_serves_the_whole_batch(models):
+    """Images that share their references share one reference pass: a batch-1 cache (expanded, not copied) gives
+    what a cache repeated to the batch gives, in the model and in the loop."""
+    ours, _ = models
+    x = inputs(ours)
+    cond, cond_ids = x["cond"][:1], x["cond_ids"][:1]
+    guidance = None if x["guidance"] is None else x["guidance"][:1]
+    shared = ours.reference_kv(cond, cond_ids, guidance)
+    repeated = ours.reference_kv(cond.repeat(2, 1, 1), cond_ids.repeat(2, 1, 1), x["guidance"])
+    expected = ours(**without_references(x), reference_kv=repeated)
+    assert_close(ours(**without_references(x), reference_kv=shared), expected, "a batch-1 cache")
+    loop = (ours, x["img"], x["img_ids"], x["txt"], x["txt_ids"], [1.0, 0.6, 0.0], None if guidance is None else 4.0)
+    shared_loop = denoise_flux2(*loop, progress=False, cond=cond, cond_ids=cond_ids, cache_references=True)
+    repeated_loop = denoise_flux2(*loop, progress=False, cond=cond.repeat(2, 1, 1), cond_ids=cond_ids.repeat(2, 1, 1),
+                                  cache_references=True)  # fmt: skip
+    assert_close(shared_loop, repeated_loop, "a batch-1 cache in the loop")
 
 
 def reference_kv_at(model: Flux2, x: dict, t: float) -> ReferenceKV:
@@ -174,20 +194,26 @@ def test_bad_reference_inputs_are_refused(models):
         ours(**x | {"cond_ids": x["cond_ids"][..., :3]})
     with pytest.raises(ValueError, match="repeat the references"):
         ours(**x | {"cond": x["cond"][:1], "cond_ids": x["cond_ids"][:1]})
-    guidance = None if x["guidance"] is None else x["guidance"][:1]
-    reference_kv = ours.reference_kv(x["cond"][:1], x["cond_ids"][:1], guidance)
+    with pytest.raises(ValueError, match=r"cond is torch.float64 with 16 channels but img is torch.float32 with 16"):
+        ours(**x | {"cond": x["cond"].double()})  # torch.cat would promote img and fail in a matmul
+    with pytest.raises(ValueError, match=r"cond is torch.float32 with 8 channels but img is torch.float32 with 16"):
+        ours(**x | {"cond": x["cond"][..., :8]})
+    reference_kv = ours.reference_kv(x["cond"], x["cond_ids"], x["guidance"])
     with pytest.raises(ValueError, match="not both"):
         ours(**x, reference_kv=reference_kv)
     with pytest.raises(ValueError, match="build it for this batch"):
-        ours(**without_references(x), reference_kv=reference_kv)
+        ours(**without_references(inputs(ours, batch=3)), reference_kv=reference_kv)
     with pytest.raises(ValueError, match="this model's reference_kv"):
         ours(**without_references(x), reference_kv=ReferenceKV(reference_kv.double, ()))
-    with pytest.raises(ValueError, match="cache_references=True"):
-        denoise_flux2(ours, x["img"], x["img_ids"], x["txt"], x["txt_ids"], [1.0, 0.0], cache_references=True)
+    with pytest.raises(ValueError, match="pass both cond and cond_ids"):
+        ours.reference_kv(x["cond"], None)
+    loop = (ours, x["img"], x["img_ids"], x["txt"], x["txt_ids"], [1.0, 0.0])
+    for cond, cond_ids in ((None, None), (x["cond"], None), (None, x["cond_ids"])):
+        with pytest.raises(ValueError, match="cache_references=True .* pass both cond and cond_ids"):
+            denoise_flux2(*loop, progress=False, cond=cond, cond_ids=cond_ids, cache_references=True)
     concepts = torch.randn(2, 3, ours.config.context_in_dim)
     with pytest.raises(ValueError, match="ConceptAttention does not take reference images"):
         list(ours.concept_pass(**without_references(x), concept_txt=concepts, cond=x["cond"], cond_ids=x["cond_ids"]))
-
 
 
 def naive_kv_layout(model: Flux2, x: dict) -> torch.Tensor:
