@@ -42,7 +42,7 @@ def upsampled_argmax(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(maps[None].float(), size=size, mode="bilinear")[0].argmax(0).numpy()
 
 
-def binding(pipe, images: int) -> None:
+def binding(pipe, images: int, attention: str = "both") -> None:
     depth = pipe.flux.model.config.depth
     for kind in ("shape", "colour"):
         hits: dict[str, int] = {}
@@ -56,6 +56,7 @@ def binding(pipe, images: int) -> None:
             done += 1
             every = range(depth + pipe.flux.model.config.depth_single_blocks)
             out = pipe.encode_image(sample.image, [sample.class_names[0], *words], prompt="", t=0.5, num_samples=2,
+                                    attention=attention,
                                     per_layer=True, layer_indices=every)
             layers = out.layer_maps["output"]  # (layers, r, h, w): the double blocks, then the single blocks
             variants = {f"layer {i}": layers[i] for i in every} | {"double blocks": layers[:depth].mean(0)}
@@ -68,13 +69,14 @@ def binding(pipe, images: int) -> None:
               + ", ".join(f"{name} {100 * hit / total:.0f}%" for name, hit in hits.items()))
 
 
-def recognition(pipe, images: int) -> None:
+def recognition(pipe, images: int, attention: str = "both") -> None:
     words = ["background", *SHAPES]
     for protocol in ("empty prompt", "caption"):
         counts = np.zeros((len(SHAPES), len(words)), dtype=np.int64)  # true shape x word that won the pixel
         for index in range(images):
             sample = make_sample(STREAM, index, ShapesConfig(two_object_prob=0.0))
             out = pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=0.5, num_samples=2,
+                                    attention=attention,
                                     prompt="" if protocol == "empty prompt" else sample.caption)
             predicted = upsampled_argmax(out.concept_maps, sample.mask.shape)
             won = np.bincount(predicted[sample.mask == 1], minlength=len(words))
@@ -176,15 +178,18 @@ def main() -> None:
     parser.add_argument("model", help="a pipeline folder, e.g. weights/demo or WORK/exports/step-NNNNNN")
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attention", default="both", choices=("both", "cross", "self", "none"),
+                        help="binding, recognition: what the concept queries attend to (both: the method; cross: the "
+                        "image only; self: the concepts only; none: o_c = v_c)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from concept_attention.pipeline import ConceptAttentionPipeline
 
     pipe = ConceptAttentionPipeline.from_folder(args.model)
     if args.probe == "binding":
-        binding(pipe, args.images)
+        binding(pipe, args.images, args.attention)
     elif args.probe == "recognition":
-        recognition(pipe, args.images)
+        recognition(pipe, args.images, args.attention)
     elif args.probe == "decodable":
         decodable(pipe, args.images)
     else:
