@@ -189,14 +189,14 @@ class Flux3Pipeline:
 
     @torch.inference_mode()
     def encode_references(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
-        """Reference images -> cond tokens (1, R, 128) and cond_ids (1, R, 4), reference i at l = -(1 + i)."""
+        """Reference images -> cond tokens (1, R, 128) and cond_ids (1, R, 4), reference i at l = -(1 + i). The AE
+        moves to the device once for all of them (with offload, each move copies its weights)."""
         tokens, ids = [], []
-        for index, image in enumerate(images):
-            pixels = reference_pixels(image).to(self.device)
-            with self.on_device(self.autoencoder):
-                latent = self.autoencoder.encode(pixels)  # (1, 128, h, w), normalised
-            tokens.append(s3.pack(latent).to(self.dtype))
-            ids.append(s3.image_ids(1, *latent.shape[-2:], reference=index).to(self.device))
+        with self.on_device(self.autoencoder):
+            for index, image in enumerate(images):
+                latent = self.autoencoder.encode(reference_pixels(image).to(self.device))  # (1, 128, h, w), normalised
+                tokens.append(s3.pack(latent).to(self.dtype))
+                ids.append(s3.image_ids(1, *latent.shape[-2:], reference=index).to(self.device))
         return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
 
     def check_size(self, height: int, width: int) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Flux3Pipeline end to end on tiny random FLUX.3 folders: the denoising loop against diffusers' transformer and
 scheduler, references, Base CFG, the CLI, and missing files."""
 
+import contextlib
 import shutil
 
 import numpy as np
@@ -136,3 +137,18 @@ def test_sizes_too_large_nan_weights_and_generators(pipe):
     assert short % 80 == 0 and short < cap  # the estimate counts the prompt's window, not the cap
     assert pipe.memory_estimate(64, 64, text_tokens=short)["text encoder"] < pipe.memory_estimate(
         64, 64, text_tokens=cap)["text encoder"]
+
+def test_encode_references_moves_the_ae_once(pipe, monkeypatch):
+    """With offload every move copies the AE's weights: once for all the references, not once per image."""
+    moved = []
+
+    def on_device(*modules):
+        moved.append(modules)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(pipe, "on_device", on_device)
+    images = [Image.new("RGB", (64, 64)), Image.new("RGB", (80, 48)), Image.new("RGB", (32, 32))]
+    cond, _ = pipe.encode_references(images)
+    assert moved == [(pipe.autoencoder,)]
+    assert cond.shape[1] == 16 * 16 + 20 * 12 + 8 * 8
+
