@@ -534,18 +534,6 @@ class Flux2Pipeline:
         return images[0] if isinstance(prompt, str) else images
 
 
-def check_references(images) -> None:
-    """A non-empty list of PIL images, each of a size BFL's preparation accepts (`reference_pixels`)."""
-    if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)) or not images:
-        raise ValueError(f"references must be a non-empty list of PIL images, got {type(images).__name__}; "
-                         "pass references=[image] (or None for text-to-image)")  # fmt: skip
-    for index, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"references[{index}] is a {type(image).__name__}, not a PIL image; open it with "
-                             "PIL.Image.open")  # fmt: skip
-        check_reference_size(image, _reference_name(image, index))
-
-
 def _reference_name(image: Image.Image, index: int) -> str:
     """How an error names a reference: its position and, when PIL knows it, its file."""
     file = getattr(image, "filename", "")
@@ -561,6 +549,19 @@ def check_reference_size(image: Image.Image, name: str = "reference image") -> N
     if max(width, height) > MAX_REFERENCE_ASPECT * min(width, height):
         raise ValueError(f"{name} is {width} x {height} pixels, an aspect ratio above {MAX_REFERENCE_ASPECT}; "
                          f"crop it to at most {MAX_REFERENCE_ASPECT}:1")  # fmt: skip
+
+
+def check_references(images, check_size=check_reference_size) -> None:
+    """A non-empty list of PIL images, each of a size the preparation accepts (`check_size(image, name)`: BFL's
+    `check_reference_size` here; FLUX.3 passes its own)."""
+    if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"references must be a non-empty list of PIL images, got {type(images).__name__}; "
+                         "pass references=[image] (or None for text-to-image)")  # fmt: skip
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"references[{index}] is a {type(image).__name__}, not a PIL image; open it with "
+                             "PIL.Image.open")  # fmt: skip
+        check_size(image, _reference_name(image, index))
 
 
 def reference_pixel_cap(count: int) -> int:

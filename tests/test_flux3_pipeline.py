@@ -152,3 +152,29 @@ def test_encode_references_moves_the_ae_once(pipe, monkeypatch):
     assert moved == [(pipe.autoencoder,)]
     assert cond.shape[1] == 16 * 16 + 20 * 12 + 8 * 8
 
+def test_bad_references_are_refused_with_the_image_named(pipe):
+    with pytest.raises(ValueError, match=r"reference 2 is 15 x 200 pixels; FLUX.3 needs at least 16 pixels a side"):
+        pipe("a red cat", references=[Image.new("RGB", (64, 64)), Image.new("RGB", (15, 200))], progress=False)
+    with pytest.raises(ValueError, match="FLUX.3 takes 1 to 10 reference images, got 11; use fewer"):
+        pipe("a red cat", references=[Image.new("RGB", (64, 64))] * 11, progress=False)
+    with pytest.raises(ValueError, match="non-empty list of PIL images"):
+        pipe("a red cat", references=[], progress=False)
+
+
+def test_cli_refuses_bad_references_before_loading(distilled, tmp_path, capsys, monkeypatch):
+    from flux_mini.cli import main
+
+    small, fine = tmp_path / "small.png", tmp_path / "fine.png"
+    Image.new("RGB", (10, 40)).save(small)
+    Image.new("RGB", (64, 64)).save(fine)
+    args = ["generate", "--weights", str(distilled), "--prompt", "a red cat", "--out", str(tmp_path / "out.png"),
+            "--device", "cpu", "--quiet"]  # fmt: skip
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the references were checked")
+
+    monkeypatch.setattr(Flux3Pipeline, "from_folder", load)
+    assert main([*args, "--reference", str(fine), "--reference", str(small)]) == 2
+    assert f"reference 2 ({small}) is 10 x 40 pixels; FLUX.3 needs at least 16" in capsys.readouterr().err
+    assert main([*args, *["--reference", str(fine)] * 11]) == 2
+    assert "FLUX.3 takes 1 to 10 reference images, got 11" in capsys.readouterr().err
