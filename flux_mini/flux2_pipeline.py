@@ -42,7 +42,7 @@ from torch import Tensor
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux2 import Flux2, concept_position_ids
 from flux_mini.loading import load_flux
-from flux_mini.memory import RunSize, check_fits, estimate_bytes
+from flux_mini.memory import RunSize, check_fits, estimate_with_references
 from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, compile_transformer, prompt_list
 from flux_mini.sampling import (
     check_seed,
@@ -291,7 +291,7 @@ class Flux2Pipeline:
         llm = self.text_encoder.model.config
         size = RunSize(
             batch=batch,
-            image_tokens=h * w + reference_tokens,
+            image_tokens=h * w,
             text_tokens=self.text_encoder.max_length,
             hidden=config.hidden_size,
             heads=config.num_heads,
@@ -303,9 +303,7 @@ class Flux2Pipeline:
             autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
             t5_heads=getattr(llm, "text_config", llm).num_attention_heads,  # the LLM's (B, heads, T, T) scores
         )
-        estimate = estimate_bytes(size)
-        encoding = estimate_bytes(replace(size, batch=1, pixels=reference_pixels))["autoencoder"]
-        estimate["autoencoder"] = max(estimate["autoencoder"], encoding)
+        estimate = estimate_with_references(size, reference_tokens, reference_pixels)
         if self.defaults.reference_kv:  # a key and a value per reference token in every block, shared by the batch
             cache = 2 * config.num_layers * reference_tokens * config.hidden_size
             estimate["transformer"] += cache * self.dtype.itemsize

@@ -34,7 +34,7 @@ from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux2_pipeline import check_references as check_reference_list
 from flux_mini.flux3 import Flux3
 from flux_mini.loading import load_flux
-from flux_mini.memory import RunSize, check_fits, estimate_bytes
+from flux_mini.memory import RunSize, check_fits, estimate_with_references
 from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, compile_transformer
 from flux_mini.text_encoders import MissingFilesError, Qwen3VLEmbedder
 
@@ -204,6 +204,11 @@ class Flux3Pipeline:
                 ids.append(s3.image_ids(1, *latent.shape[-2:], reference=index).to(self.device))
         return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
 
+    def reference_tokens(self, images: list[Image.Image]) -> int:
+        """R, the number of tokens `encode_references` makes of these images, from their sizes alone."""
+        factor = self.autoencoder.downsample_factor
+        return sum((width // factor) * (height // factor) for width, height in map(reference_size, images))
+
     def check_size(self, height: int, width: int) -> tuple[int, int]:
         """-> the token grid (h, w): sides must be multiples of the autoencoder's factor (16)."""
         return s3.check_size(height, width, self.autoencoder.downsample_factor)
@@ -242,12 +247,14 @@ class Flux3Pipeline:
         return width, height, num_steps, guidance
 
     def memory_estimate(
-        self, height: int, width: int, batch: int = 1, concepts: int = 0, text_tokens: int | None = None
-    ) -> dict[str, int]:
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, text_tokens: int | None = None,
+        reference_tokens: int = 0, reference_pixels: int = 0,
+    ) -> dict[str, int]:  # fmt: skip
         """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token per
-        16x16 pixels, the prompt's text window (`text_tokens`; unknown: 512, a long prompt's, not the cap
-        `max_length`, which would refuse runs that fit), the AE's widest full-resolution layer. Reference
-        images (at most 1024x1024 pixels each) are not counted."""
+        16x16 pixels plus the references' (`reference_tokens`, counted as image tokens), the prompt's text window
+        (`text_tokens`; unknown: 512, a long prompt's, not the cap `max_length`, which would refuse runs that
+        fit), the AE's widest full-resolution layer, which encodes the largest prepared reference
+        (`reference_pixels`, one at a time) as well as decoding the output."""
         config, autoencoder = self.model.config, self.autoencoder
         text_tokens = min(512, self.text_encoder.max_length) if text_tokens is None else text_tokens
         h, w = self.check_size(height, width)
@@ -266,17 +273,19 @@ class Flux3Pipeline:
             autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
             t5_heads=llm.num_attention_heads,  # the LLM's (B, heads, T, T) scores
         )
-        return estimate_bytes(size)
+        return estimate_with_references(size, reference_tokens, reference_pixels)
 
     def check_memory(
         self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None,
-        text_tokens: int | None = None,
+        text_tokens: int | None = None, reference_tokens: int = 0, reference_pixels: int = 0,
     ):  # fmt: skip
-        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
+        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits
+        (or, when the references are what does not fit, saying so)."""
         check_fits(
-            lambda h, w: self.memory_estimate(h, w, batch, concepts, text_tokens), height, width, batch,
-            self.autoencoder.downsample_factor, self.device, available,
+            lambda h, w: self.memory_estimate(h, w, batch, concepts, text_tokens, reference_tokens, reference_pixels),
+            height, width, batch, self.autoencoder.downsample_factor, self.device, available,
             f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
+            reference_tokens,
         )
 
     # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
@@ -360,7 +369,10 @@ class Flux3Pipeline:
         if references is not None:
             check_references(references)
         self.check_size(height, width)
-        self.check_memory(height, width, text_tokens=self.text_encoder.window(prompt))
+        reference_tokens = 0 if references is None else self.reference_tokens(references)
+        reference_pixels = 0 if references is None else max(w * h for w, h in map(reference_size, references))
+        self.check_memory(height, width, text_tokens=self.text_encoder.window(prompt),
+                          reference_tokens=reference_tokens, reference_pixels=reference_pixels)  # fmt: skip
         txt, txt_ids = self.encode_prompt(prompt)
         negative_txt, negative_ids = self.encode_prompt(negative_prompt) if guidance != 1.0 else (None, None)
         cond, cond_ids = self.encode_references(references) if references is not None else (None, None)
