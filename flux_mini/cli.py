@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from flux_mini.flux2_pipeline import Flux2Pipeline, check_references, is_flux2_folder
+    from flux_mini import flux2_pipeline, flux3_pipeline
+    from flux_mini.flux2_pipeline import Flux2Pipeline, is_flux2_folder
     from flux_mini.flux3_pipeline import Flux3Pipeline, is_flux3_folder
     from flux_mini.pipeline import FluxPipeline, quiet_transformers
 
@@ -178,8 +179,8 @@ def generate(args: argparse.Namespace) -> None:
     if args.reference and pipeline is FluxPipeline:
         raise ValueError("--reference needs a FLUX.2 or FLUX.3 model folder (Flux.1 generates from text here)")
     references = [_open_image(path) for path in args.reference or []]
-    if references and pipeline is Flux2Pipeline:
-        check_references(references)  # a bad reference is refused before minutes of loading
+    if references:  # a bad reference is refused before minutes of loading
+        {Flux2Pipeline: flux2_pipeline, Flux3Pipeline: flux3_pipeline}[pipeline].check_references(references)
     with quiet_transformers(logging=args.quiet):
         pipe = pipeline.from_folder(
             args.weights, device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,

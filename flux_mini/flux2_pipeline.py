@@ -42,7 +42,7 @@ from torch import Tensor
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
 from flux_mini.flux2 import Flux2, concept_position_ids
 from flux_mini.loading import load_flux
-from flux_mini.memory import RunSize, check_fits, estimate_bytes
+from flux_mini.memory import RunSize, check_fits, estimate_with_references
 from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, compile_transformer, prompt_list
 from flux_mini.sampling import (
     check_seed,
@@ -291,7 +291,7 @@ class Flux2Pipeline:
         llm = self.text_encoder.model.config
         size = RunSize(
             batch=batch,
-            image_tokens=h * w + reference_tokens,
+            image_tokens=h * w,
             text_tokens=self.text_encoder.max_length,
             hidden=config.hidden_size,
             heads=config.num_heads,
@@ -303,9 +303,7 @@ class Flux2Pipeline:
             autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
             t5_heads=getattr(llm, "text_config", llm).num_attention_heads,  # the LLM's (B, heads, T, T) scores
         )
-        estimate = estimate_bytes(size)
-        encoding = estimate_bytes(replace(size, batch=1, pixels=reference_pixels))["autoencoder"]
-        estimate["autoencoder"] = max(estimate["autoencoder"], encoding)
+        estimate = estimate_with_references(size, reference_tokens, reference_pixels)
         if self.defaults.reference_kv:  # a key and a value per reference token in every block, shared by the batch
             cache = 2 * config.num_layers * reference_tokens * config.hidden_size
             estimate["transformer"] += cache * self.dtype.itemsize
@@ -534,18 +532,6 @@ class Flux2Pipeline:
         return images[0] if isinstance(prompt, str) else images
 
 
-def check_references(images) -> None:
-    """A non-empty list of PIL images, each of a size BFL's preparation accepts (`reference_pixels`)."""
-    if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)) or not images:
-        raise ValueError(f"references must be a non-empty list of PIL images, got {type(images).__name__}; "
-                         "pass references=[image] (or None for text-to-image)")  # fmt: skip
-    for index, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"references[{index}] is a {type(image).__name__}, not a PIL image; open it with "
-                             "PIL.Image.open")  # fmt: skip
-        check_reference_size(image, _reference_name(image, index))
-
-
 def _reference_name(image: Image.Image, index: int) -> str:
     """How an error names a reference: its position and, when PIL knows it, its file."""
     file = getattr(image, "filename", "")
@@ -561,6 +547,19 @@ def check_reference_size(image: Image.Image, name: str = "reference image") -> N
     if max(width, height) > MAX_REFERENCE_ASPECT * min(width, height):
         raise ValueError(f"{name} is {width} x {height} pixels, an aspect ratio above {MAX_REFERENCE_ASPECT}; "
                          f"crop it to at most {MAX_REFERENCE_ASPECT}:1")  # fmt: skip
+
+
+def check_references(images, check_size=check_reference_size) -> None:
+    """A non-empty list of PIL images, each of a size the preparation accepts (`check_size(image, name)`: BFL's
+    `check_reference_size` here; FLUX.3 passes its own)."""
+    if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"references must be a non-empty list of PIL images, got {type(images).__name__}; "
+                         "pass references=[image] (or None for text-to-image)")  # fmt: skip
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"references[{index}] is a {type(image).__name__}, not a PIL image; open it with "
+                             "PIL.Image.open")  # fmt: skip
+        check_size(image, _reference_name(image, index))
 
 
 def reference_pixel_cap(count: int) -> int:

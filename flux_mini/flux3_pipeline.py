@@ -12,9 +12,10 @@ A model folder is the official Hugging Face repo, BFL files and/or diffusers fol
 
 The variant comes from the transformer itself: a flow map (`ref_time_in`) is the distilled model (16 steps, no
 guidance), otherwise Base (50 steps, classifier-free guidance 4 with the empty prompt, BFL's README value;
-diffusers uses 3.5). References: each is downscaled to at most 1024 x 1024 pixels (aspect kept) and
-center-cropped to multiples of 16; reference i sits at l = -(1 + i). BFL's recipe pads a single reference onto
-a larger canvas and crops the output back; that step is not reproduced here (the output size is yours).
+diffusers uses 3.5). References (1 to 10, each at least 16 pixels a side): each is downscaled to at most 1024 x
+1024 pixels (aspect kept, sides rounded) and center-cropped to multiples of 16; reference i sits at l = -(1 + i).
+BFL's recipe pads a single reference onto a larger canvas and crops the output back; that step is not reproduced
+here (the output size is yours).
 """
 
 from __future__ import annotations
@@ -24,20 +25,23 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
 from flux_mini import flux3_sampling as s3
 from flux_mini.autoencoder_flux2 import Flux2AutoEncoder, load_flux2_autoencoder
+from flux_mini.flux2_pipeline import check_references as check_reference_list
 from flux_mini.flux3 import Flux3
 from flux_mini.loading import load_flux
-from flux_mini.memory import RunSize, check_fits, estimate_bytes
+from flux_mini.memory import RunSize, check_fits, estimate_with_references
 from flux_mini.pipeline import FluxPipeline, _optional, _read_json, check_finite, compile_transformer
 from flux_mini.text_encoders import MissingFilesError, Qwen3VLEmbedder
 
 TRANSFORMER_FILES = ("flux3-*.safetensors", "flux-3-*.safetensors")
 AUTOENCODER_FILES = ("ae.safetensors", "flux2-vae.safetensors", "vae")
 REFERENCE_PIXELS = 1024 * 1024  # a reference is downscaled to at most this many pixels
+MAX_REFERENCES, MIN_REFERENCE_SIDE = 10, 16
 
 
 @dataclass(frozen=True)
@@ -189,15 +193,21 @@ class Flux3Pipeline:
 
     @torch.inference_mode()
     def encode_references(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
-        """Reference images -> cond tokens (1, R, 128) and cond_ids (1, R, 4), reference i at l = -(1 + i)."""
+        """Reference images -> cond tokens (1, R, 128) and cond_ids (1, R, 4), reference i at l = -(1 + i). The AE
+        moves to the device once for all of them (with offload, each move copies its weights)."""
+        check_references(images)
         tokens, ids = [], []
-        for index, image in enumerate(images):
-            pixels = reference_pixels(image).to(self.device)
-            with self.on_device(self.autoencoder):
-                latent = self.autoencoder.encode(pixels)  # (1, 128, h, w), normalised
-            tokens.append(s3.pack(latent).to(self.dtype))
-            ids.append(s3.image_ids(1, *latent.shape[-2:], reference=index).to(self.device))
+        with self.on_device(self.autoencoder):
+            for index, image in enumerate(images):
+                latent = self.autoencoder.encode(reference_pixels(image).to(self.device))  # (1, 128, h, w), normalised
+                tokens.append(s3.pack(latent).to(self.dtype))
+                ids.append(s3.image_ids(1, *latent.shape[-2:], reference=index).to(self.device))
         return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+    def reference_tokens(self, images: list[Image.Image]) -> int:
+        """R, the number of tokens `encode_references` makes of these images, from their sizes alone."""
+        factor = self.autoencoder.downsample_factor
+        return sum((width // factor) * (height // factor) for width, height in map(reference_size, images))
 
     def check_size(self, height: int, width: int) -> tuple[int, int]:
         """-> the token grid (h, w): sides must be multiples of the autoencoder's factor (16)."""
@@ -237,12 +247,14 @@ class Flux3Pipeline:
         return width, height, num_steps, guidance
 
     def memory_estimate(
-        self, height: int, width: int, batch: int = 1, concepts: int = 0, text_tokens: int | None = None
-    ) -> dict[str, int]:
+        self, height: int, width: int, batch: int = 1, concepts: int = 0, text_tokens: int | None = None,
+        reference_tokens: int = 0, reference_pixels: int = 0,
+    ) -> dict[str, int]:  # fmt: skip
         """Bytes each stage of a run at this size needs beyond the weights (flux_mini/memory.py): one token per
-        16x16 pixels, the prompt's text window (`text_tokens`; unknown: 512, a long prompt's, not the cap
-        `max_length`, which would refuse runs that fit), the AE's widest full-resolution layer. Reference
-        images (at most 1024x1024 pixels each) are not counted."""
+        16x16 pixels plus the references' (`reference_tokens`, counted as image tokens), the prompt's text window
+        (`text_tokens`; unknown: 512, a long prompt's, not the cap `max_length`, which would refuse runs that
+        fit), the AE's widest full-resolution layer, which encodes the largest prepared reference
+        (`reference_pixels`, one at a time) as well as decoding the output."""
         config, autoencoder = self.model.config, self.autoencoder
         text_tokens = min(512, self.text_encoder.max_length) if text_tokens is None else text_tokens
         h, w = self.check_size(height, width)
@@ -261,17 +273,19 @@ class Flux3Pipeline:
             autoencoder_channels=autoencoder.config.ch * autoencoder.config.ch_mult[0],
             t5_heads=llm.num_attention_heads,  # the LLM's (B, heads, T, T) scores
         )
-        return estimate_bytes(size)
+        return estimate_with_references(size, reference_tokens, reference_pixels)
 
     def check_memory(
         self, height: int, width: int, batch: int = 1, concepts: int = 0, available: int | None = None,
-        text_tokens: int | None = None,
+        text_tokens: int | None = None, reference_tokens: int = 0, reference_pixels: int = 0,
     ):  # fmt: skip
-        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits."""
+        """Refuse up front a run whose estimate exceeds the free memory of the device, naming a size that fits
+        (or, when the references are what does not fit, saying so)."""
         check_fits(
-            lambda h, w: self.memory_estimate(h, w, batch, concepts, text_tokens), height, width, batch,
-            self.autoencoder.downsample_factor, self.device, available,
+            lambda h, w: self.memory_estimate(h, w, batch, concepts, text_tokens, reference_tokens, reference_pixels),
+            height, width, batch, self.autoencoder.downsample_factor, self.device, available,
             f"no image size fits: lower max_length ({self.text_encoder.max_length}) in the folder's sampling.json",
+            reference_tokens,
         )
 
     # -- what ConceptAttention asks of every generation's pipeline (concept_attention/pipeline.py) ------------
@@ -343,7 +357,7 @@ class Flux3Pipeline:
         progress: bool = True,
     ) -> Image.Image:
         """One image for one prompt (each prompt has its own text window). `guidance` is Base's CFG scale (1 turns
-        CFG off); the distilled model takes none. Up to 10 `references` make it an edit."""
+        CFG off); the distilled model takes none. Up to 10 `references` make it an edit (module docstring)."""
         width = self.defaults.width if width is None else width
         height = self.defaults.height if height is None else height
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
@@ -352,13 +366,16 @@ class Flux3Pipeline:
             raise ValueError("the distilled FLUX.3 Klein takes no guidance (it is a flow map); use the Base model")
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite number, got {guidance!r}")
-        if references is not None and not 1 <= len(references) <= 10:
-            raise ValueError(f"FLUX.3 takes 1 to 10 reference images, got {len(references)}")
+        if references is not None:
+            check_references(references)
         self.check_size(height, width)
-        self.check_memory(height, width, text_tokens=self.text_encoder.window(prompt))
+        reference_tokens = 0 if references is None else self.reference_tokens(references)
+        reference_pixels = 0 if references is None else max(w * h for w, h in map(reference_size, references))
+        self.check_memory(height, width, text_tokens=self.text_encoder.window(prompt),
+                          reference_tokens=reference_tokens, reference_pixels=reference_pixels)  # fmt: skip
         txt, txt_ids = self.encode_prompt(prompt)
         negative_txt, negative_ids = self.encode_prompt(negative_prompt) if guidance != 1.0 else (None, None)
-        cond, cond_ids = self.encode_references(references) if references else (None, None)
+        cond, cond_ids = self.encode_references(references) if references is not None else (None, None)
         img, img_ids = self.prepare_latents(1, height, width, seed)
         with self.on_device(self.model):
             tokens = s3.denoise(
@@ -369,18 +386,43 @@ class Flux3Pipeline:
         return self.to_pil(check_finite(images, "decoded images"))[0]
 
 
-def reference_pixels(image: Image.Image) -> Tensor:
-    """A PIL image -> (1, 3, H, W) in [-1, 1]: downscaled to at most 1024 x 1024 pixels (aspect kept), then
-    center-cropped to multiples of 16."""
+def check_reference_size(image: Image.Image, name: str = "reference image") -> None:
+    """A reference must keep at least one 16 x 16 patch after the crop to multiples of 16."""
+    if min(image.size) < MIN_REFERENCE_SIDE:
+        raise ValueError(f"{name} is {image.width} x {image.height} pixels; FLUX.3 needs at least "
+                         f"{MIN_REFERENCE_SIDE} pixels a side: use a larger image")  # fmt: skip
+
+
+def check_references(images) -> None:
+    """1 to 10 PIL images, each at least 16 pixels a side (the list checks are FLUX.2's)."""
+    check_reference_list(images, check_reference_size)
+    if len(images) > MAX_REFERENCES:
+        raise ValueError(f"FLUX.3 takes 1 to {MAX_REFERENCES} reference images, got {len(images)}; use fewer")
+
+
+def downscaled_size(width: int, height: int) -> tuple[int, int]:
+    """Above 1024 x 1024 pixels, both sides times sqrt(REFERENCE_PIXELS / pixels), rounded (at least 16)."""
+    scale = math.sqrt(REFERENCE_PIXELS / (width * height))
+    if scale >= 1.0:
+        return width, height
+    return max(16, round(width * scale)), max(16, round(height * scale))
+
+
+def reference_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) of a prepared reference: downscaled, then cropped to multiples of 16."""
+    width, height = downscaled_size(*image.size)
+    return width // 16 * 16, height // 16 * 16
+
+
+def reference_pixels(image: Image.Image, name: str = "reference image") -> Tensor:
+    """A PIL image -> (1, 3, H, W) in [-1, 1]: refused below 16 pixels a side, downscaled with LANCZOS to at most
+    1024 x 1024 pixels (`downscaled_size`), then center-cropped to multiples of 16 (`reference_size`)."""
+    check_reference_size(image, name)
+    width, height = reference_size(image)
     image = image.convert("RGB")
-    scale = min(1.0, math.sqrt(REFERENCE_PIXELS / (image.width * image.height)))
-    if scale < 1.0:
-        image = image.resize((max(16, round(image.width * scale)), max(16, round(image.height * scale))),
-                             Image.Resampling.LANCZOS)  # fmt: skip
-    width, height = image.width // 16 * 16, image.height // 16 * 16
-    if not width or not height:
-        raise ValueError(f"a reference image must be at least 16 x 16 pixels, got {image.width} x {image.height}")
+    if (size := downscaled_size(*image.size)) != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.crop((left, top, left + width, top + height))
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
-    return (pixels.permute(2, 0, 1)[None].float() / 127.5 - 1.0)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)  # RGB rows, (H * W * 3,)
+    return rearrange(pixels, "(h w c) -> 1 c h w", h=height, w=width).float() / 127.5 - 1.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,6 +57,16 @@ def estimate_bytes(size: RunSize) -> dict[str, int]:
         "autoencoder": int(autoencoder),
         "text encoder": int(text),
     }
+
+
+def estimate_with_references(size: RunSize, reference_tokens: int, reference_pixels: int) -> dict[str, int]:
+    """estimate_bytes of an edit (FLUX.2, FLUX.3): the references' tokens join the image tokens, and the autoencoder
+    stage is the larger of decoding the outputs and encoding the largest reference (`reference_pixels`; they are
+    encoded one at a time)."""
+    estimate = estimate_bytes(replace(size, image_tokens=size.image_tokens + reference_tokens))
+    encoding = estimate_bytes(replace(size, batch=1, pixels=reference_pixels))["autoencoder"]
+    estimate["autoencoder"] = max(estimate["autoencoder"], encoding)
+    return estimate
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int:
