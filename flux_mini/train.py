@@ -12,6 +12,10 @@ Everything random (timesteps, noise, caption dropout) comes from one CPU generat
 with the model, the EMA and the optimizer: resuming from a checkpoint continues bit-identically as
 long as the data source is a pure function of the step. The model may live on any device (batches are
 moved to it); the random draws stay on the CPU, so a run's noise does not depend on the device.
+
+Optionally (`token_loss_weight` > 0) a linear read-out of the image tokens after chosen layers is trained to
+name each token's class (e.g. the shape of the object it lies on): an auxiliary loss that makes those layers
+encode what the denoising loss alone does not teach a small model. The read-out is never exported.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
+from flux_mini.layers import LayerOutput
 from flux_mini.sampling import image_ids, pack, text_ids
 
 
@@ -47,6 +54,9 @@ class TrainConfig:
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = 1.0
     seed: int = 0
+    token_loss_weight: float = 0.0  # auxiliary token classification (0: off); batches then carry token_labels
+    token_loss_layers: tuple[int, ...] = ()  # layers whose image tokens are classified (flux layer numbers)
+    token_classes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("caption_dropout", "zero_y_prob"):
@@ -54,6 +64,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size} and {self.lr}")
+        if self.token_loss_weight < 0:
+            raise ValueError(f"token_loss_weight must be >= 0, got {self.token_loss_weight}")
+        if self.token_loss_weight > 0 and (not self.token_loss_layers or self.token_classes < 2):
+            raise ValueError("a token loss needs token_loss_layers (which layers to read) and token_classes >= 2, "
+                             f"got {self.token_loss_layers} and {self.token_classes}")
 
 
 @dataclass
@@ -63,6 +78,7 @@ class Batch:
     latents: Tensor  # (B, C, h, w), h and w even; pixels in [-1, 1] for pixel-space models
     txt: Tensor  # (B, T, context_in_dim)  T5 states of the captions
     y: Tensor  # (B, vec_in_dim)          pooled CLIP vectors
+    token_labels: Tensor | None = None  # (B, L) class of each image token, -100 where it has none (token loss)
 
 
 @dataclass
@@ -96,23 +112,52 @@ def drop_conditioning(batch: Batch, null: Conditioning, config: TrainConfig, gen
     txt = torch.where(drop[:, None, None], null.null_txt.to(batch.txt), batch.txt)
     y = torch.where(drop[:, None], null.null_y.to(batch.y), batch.y)
     y = torch.where(zero_y[:, None], torch.zeros_like(y), y)
-    return Batch(batch.latents, txt, y)
+    return Batch(batch.latents, txt, y, batch.token_labels)
 
 
-def flow_loss(model: Flux, batch: Batch, t: Tensor, noise: Tensor) -> Tensor:
-    """Mean squared velocity error of `model` on a batch at timesteps t (B,) with noise like the latents."""
+class TokenClassifier(nn.Module):
+    """One LayerNorm + Linear read-out per chosen layer: image tokens (B, L, D) -> class logits (B, L, classes)."""
+
+    def __init__(self, dim: int, classes: int, layers: tuple[int, ...]):
+        super().__init__()
+        self.layers = tuple(layers)
+        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, classes)) for _ in self.layers)
+
+    def loss(self, outputs: list[LayerOutput], labels: Tensor, t: Tensor) -> Tensor:
+        """Cross-entropy averaged over the chosen layers and the labelled tokens, each sample weighted by 1 - t
+        (at pure noise there is nothing to recognise)."""
+        weight = (1 - t)[:, None] * (labels >= 0)  # (B, L)
+        total = outputs[0].img.new_zeros(())
+        for layer, head in zip(self.layers, self.heads):
+            logits = head(outputs[layer].img)  # (B, L, classes)
+            ce = F.cross_entropy(rearrange(logits, "b l c -> b c l"), labels, ignore_index=-100, reduction="none")
+            total = total + (ce * weight).sum() / weight.sum().clamp_min(1e-8)
+        return total / len(self.layers)
+
+
+def flow_loss(
+    model: Flux, batch: Batch, t: Tensor, noise: Tensor, classifier: TokenClassifier | None = None,
+    token_loss_weight: float = 0.0,
+) -> Tensor:
+    """Mean squared velocity error of `model` on a batch at timesteps t (B,) with noise like the latents,
+    plus token_loss_weight x the classifier's loss when a classifier is given."""
     _, _, h, w = batch.latents.shape
     b = batch.latents.shape[0]
     x_t, target = flow_pair(batch.latents, noise, t)
-    pred = model(
+    outputs = list(model.layers(
         img=pack(x_t),
         img_ids=image_ids(b, h // 2, w // 2, device=x_t.device),
         txt=batch.txt,
         txt_ids=text_ids(b, batch.txt.shape[1], device=x_t.device),
         timesteps=t.to(x_t.dtype),
         y=batch.y,
-    )
-    return torch.nn.functional.mse_loss(pred, pack(target))
+    ))
+    loss = F.mse_loss(model.velocity(outputs[-1]), pack(target))
+    if classifier is None:
+        return loss
+    if batch.token_labels is None:
+        raise ValueError("this run trains a token loss: every batch needs token_labels (B, L)")
+    return loss + token_loss_weight * classifier.loss(outputs, batch.token_labels.to(x_t.device), t.to(x_t.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,16 +173,27 @@ class Trainer:
     null: Conditioning
     step: int = 0
     ema: Flux = field(init=False)
+    classifier: TokenClassifier | None = field(init=False)  # the token loss's read-out; None without one
     optimizer: torch.optim.AdamW = field(init=False)
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         self.model.train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.classifier = None
+        if self.config.token_loss_weight > 0:
+            device = next(self.model.parameters()).device
+            dim = self.model.config.hidden_size
+            self.classifier = TokenClassifier(dim, self.config.token_classes, self.config.token_loss_layers).to(device)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.config.lr, betas=self.config.betas, weight_decay=self.config.weight_decay
+            self.parameters(), lr=self.config.lr, betas=self.config.betas, weight_decay=self.config.weight_decay
         )
         self.generator = torch.Generator().manual_seed(self.config.seed)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimiser trains: the model's parameters, then the token classifier's."""
+        extra = list(self.classifier.parameters()) if self.classifier is not None else []
+        return list(self.model.parameters()) + extra
 
     def lr_at(self, step: int) -> float:
         """Linear warmup, then constant: no schedule state to save, and training can always go on."""
@@ -147,17 +203,17 @@ class Trainer:
         """One optimiser step on `batch`; returns the loss before the update."""
         cfg = self.config
         device = next(self.model.parameters()).device
-        batch = Batch(batch.latents.to(device), batch.txt.to(device), batch.y.to(device))
+        batch = Batch(batch.latents.to(device), batch.txt.to(device), batch.y.to(device), batch.token_labels)
         batch = drop_conditioning(batch, self.null, cfg, self.generator)
         t = sample_timesteps(batch.latents.shape[0], cfg.logit_mean, cfg.logit_std, self.generator).to(device)
         noise = torch.randn(batch.latents.shape, generator=self.generator).to(batch.latents)
 
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss = flow_loss(self.model, batch, t, noise)
+        loss = flow_loss(self.model, batch, t, noise, self.classifier, cfg.token_loss_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.update_ema()
         self.step += 1
@@ -206,7 +262,7 @@ class Trainer:
             "flux_config": self.model.config.to_dict(),
             "null_txt": self.null.null_txt,
             "null_y": self.null.null_y,
-        }
+        } | ({"classifier": self.classifier.state_dict()} if self.classifier is not None else {})
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename): a crash never leaves half a checkpoint."""
@@ -224,12 +280,16 @@ class Trainer:
             raise FileNotFoundError(f"no training checkpoint at {path}; start a new run instead of resuming")
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["train_config"]
-        config = config or TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
+        config = config or TrainConfig(
+            **{**saved, "betas": tuple(saved["betas"]), "token_loss_layers": tuple(saved.get("token_loss_layers", ()))}
+        )
         model = Flux(FluxConfig(**state["flux_config"]))
         model.load_state_dict(state["model"])
         model.to(device)
         trainer = cls(model, config, Conditioning(state["null_txt"], state["null_y"]), step=state["step"])
         trainer.ema.load_state_dict(state["ema"])
+        if trainer.classifier is not None:
+            trainer.classifier.load_state_dict(state["classifier"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.generator.set_state(state["generator"])
         return trainer

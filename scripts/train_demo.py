@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from concept_attention.shapes import ShapesConfig, make_sample, vocabulary
+from einops import rearrange
+
+from concept_attention.shapes import SHAPES, ShapesConfig, ShapesSample, make_sample, vocabulary
 from flux_mini.autoencoder import IdentityAutoEncoder
 from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.text_encoders import CLIPEmbedder, T5Embedder
@@ -36,8 +38,8 @@ from flux_mini.train import (
 T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
 RECIPE_DEFAULTS = {"batch_size": 16, "hidden": 96, "depth": 4, "single_depth": 1, "single_object_steps": 0,
-                   "patch": 2, "caption_dropout": 0.1}
-RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1}  # what recipes written before these flags existed ran with
+                   "patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0}
+RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0}  # what recipes before these flags ran with
 
 
 def demo_flux_config(
@@ -162,11 +164,21 @@ def pixel_autoencoder(patch: int) -> IdentityAutoEncoder:
     return IdentityAutoEncoder(channels=3, downsample=patch // 2)
 
 
+def token_shapes(sample: ShapesSample, patch: int) -> torch.Tensor:
+    """The class of each image token for the shape loss: 0 background, 1 + SHAPES.index(shape) on an object,
+    -100 (no label) where a token's patch x patch pixels straddle an edge; (L,) in the packed token order."""
+    classes = np.array([0] + [1 + SHAPES.index(name) for name in sample.class_names[1:]])[sample.mask]
+    pixels = rearrange(torch.from_numpy(classes), "(h p) (w q) -> (h w) (p q)", p=patch, q=patch)
+    whole = (pixels == pixels[:, :1]).all(1)
+    return torch.where(whole, pixels[:, 0], -100)
+
+
 def shapes_data(
     encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED, patch: int = 2
 ):
     """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step. Curriculum: the
-    first `single_object_steps` batches show one object per image (each shape word alone with its outline)."""
+    first `single_object_steps` batches show one object per image (each shape word alone with its outline).
+    Batches carry each token's shape (`token_shapes`), which only a run with a shape loss reads."""
     single, mixed = ShapesConfig(two_object_prob=0.0), ShapesConfig()
     autoencoder = pixel_autoencoder(patch)
 
@@ -174,7 +186,8 @@ def shapes_data(
         config = single if step < single_object_steps else mixed
         samples = [make_sample(seed, step * batch_size + i, config) for i in range(batch_size)]
         txt, y = encoder([s.caption for s in samples])
-        return Batch(autoencoder.encode(to_pixels([s.image for s in samples])), txt, y)
+        labels = torch.stack([token_shapes(s, patch) for s in samples])
+        return Batch(autoencoder.encode(to_pixels([s.image for s in samples])), txt, y, labels)
 
     return data
 
@@ -226,6 +239,16 @@ def benchmark_export(folder: Path, num_images: int, seed: int, out: Path, device
     return "\n".join(report)
 
 
+def train_config(recipe: dict, lr: float) -> TrainConfig:
+    """The optimisation settings of a recipe; the shape loss reads the image tokens after every double block
+    (the layers whose maps ConceptAttention averages)."""
+    return TrainConfig(
+        batch_size=recipe["batch_size"], lr=lr, ema_decay=0.998, caption_dropout=recipe["caption_dropout"],
+        token_loss_weight=recipe["shape_loss"], token_loss_layers=tuple(range(recipe["depth"])),
+        token_classes=1 + len(SHAPES),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, required=True, help="keep it outside the repository")
@@ -248,6 +271,10 @@ def main() -> None:
     group.add_argument("--caption-dropout", type=float,
                        help="fraction of samples trained on the empty prompt (the shape must then come from the "
                        f"image), default {RECIPE_DEFAULTS['caption_dropout']}")
+    group.add_argument("--shape-loss", type=float,
+                       help="weight of an auxiliary loss: a linear read-out of the image tokens after every double "
+                       "block names the shape under each token (teaches the image stream to recognise shapes), "
+                       f"default {RECIPE_DEFAULTS['shape_loss']} (off)")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")
@@ -287,7 +314,7 @@ def main() -> None:
         recipe = RECIPE_DEFAULTS | given | {"world": world}
         try:  # a recipe that cannot be built is refused before anything is written
             demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe["patch"])
-            TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, caption_dropout=recipe["caption_dropout"])
+            train_config(recipe, args.lr)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         work.mkdir(parents=True, exist_ok=True)
@@ -304,8 +331,7 @@ def main() -> None:
     else:
         torch.manual_seed(0)
         null_txt, null_y = encoder([""])
-        config = TrainConfig(batch_size=recipe["batch_size"], lr=args.lr, ema_decay=0.998,
-                             caption_dropout=recipe["caption_dropout"])
+        config = train_config(recipe, args.lr)
         flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe["patch"])
         model = zero_init_modulation_(Flux(flux_config)).to(args.device)
         trainer = Trainer(model, config, Conditioning(null_txt.to(args.device), null_y.to(args.device)))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from flux_mini.layers import LayerOutput
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux
 from flux_mini.sampling import euler_step, image_ids, pack, text_ids
@@ -14,6 +15,7 @@ from flux_mini.tiny import randomize_, tiny_flux_config
 from flux_mini.train import (
     Batch,
     Conditioning,
+    TokenClassifier,
     Trainer,
     TrainConfig,
     drop_conditioning,
@@ -135,6 +137,71 @@ def test_resume_continues_exactly(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # and the random stream continues identically: one more step agrees too
     assert straight.train_step(data(4)) == resumed.train_step(data(4))
+
+
+def test_token_loss_is_the_noise_weighted_cross_entropy_of_each_chosen_layer():
+    """TokenClassifier.loss against a float64 loop: per token -log softmax(head(x))[label], weighted 1 - t,
+    unlabelled tokens (-100) skipped, normalised per layer, averaged over the chosen layers only."""
+    torch.manual_seed(0)
+    classifier = TokenClassifier(dim=8, classes=3, layers=(0, 2)).double()
+    for head in classifier.heads:   # a non-trivial LayerNorm too
+        torch.nn.init.normal_(head[0].weight, 1.0, 0.3), torch.nn.init.normal_(head[0].bias, 0.0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    outputs = [LayerOutput(i, torch.randn(2, 5, 8, generator=g, dtype=torch.float64), None, None) for i in range(3)]
+    labels = torch.tensor([[0, 1, 2, -100, 1], [2, -100, -100, 0, 0]])
+    t = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    expected = 0.0
+    for layer, head in zip((0, 2), classifier.heads):
+        norm, linear = head
+        total = weights = 0.0
+        for b in range(2):
+            for i in range(5):
+                if labels[b, i] < 0:
+                    continue
+                x = outputs[layer].img[b, i]
+                x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + norm.eps) * norm.weight + norm.bias
+                logits = linear.weight @ x + linear.bias
+                total += (1 - t[b]) * (torch.logsumexp(logits, 0) - logits[labels[b, i]])
+                weights += 1 - t[b]
+        expected += total / weights / 2
+    assert torch.allclose(classifier.loss(outputs, labels, t), expected, rtol=1e-12, atol=0)
+
+
+def square_labels(batch: Batch) -> Batch:
+    """fixed_batch with token labels: 1 where a 2x2-pixel token lies on the bright square, 0 on the field."""
+    tokens = pack(batch.latents)[..., :1]                          # (B, 16, 1): the token's first pixel
+    return Batch(batch.latents, batch.txt, batch.y, (tokens[..., 0] > -0.79).long())
+
+
+def test_token_loss_trains_a_read_out_and_resumes_exactly(tmp_path):
+    """With token_loss_weight > 0 the trainer also trains the classifier (its loss falls on a fixed batch), saves
+    it, and a resumed run continues bit-identically; a batch without token labels is refused by name."""
+    overrides = dict(token_loss_weight=1.0, token_loss_layers=(0,), token_classes=2, caption_dropout=0.0)
+    data = lambda step: square_labels(fixed_batch(seed=step))  # noqa: E731
+    trainer = new_trainer(**overrides)
+    assert trainer.classifier is not None and len(trainer.optimizer.param_groups[0]["params"]) == (
+        len(list(trainer.model.parameters())) + len(list(trainer.classifier.parameters())))
+
+    def token_loss(trainer: Trainer) -> float:
+        batch = data(100)
+        outputs = list(trainer.model.layers(pack(batch.latents), image_ids(4, 4, 4), batch.txt, text_ids(4, 5),
+                                            torch.zeros(4), batch.y))
+        return trainer.classifier.loss(outputs, batch.token_labels, torch.zeros(4)).item()
+
+    before = token_loss(trainer)
+    path = tmp_path / "checkpoint.pt"
+    trainer.fit(data, until=40, checkpoint=path, checkpoint_every=40, progress=False)
+    assert token_loss(trainer) < 0.5 * before
+    resumed = Trainer.resume(path)
+    assert resumed.config == trainer.config and resumed.classifier is not None
+    assert trainer.train_step(data(40)) == resumed.train_step(data(40))
+    for a, b in [(trainer.model, resumed.model), (trainer.classifier, resumed.classifier)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="token_labels"):
+        trainer.train_step(fixed_batch())
+    with pytest.raises(ValueError, match="token_loss_layers"):
+        TrainConfig(token_loss_weight=1.0)
+    assert new_trainer().classifier is None      # off by default: nothing extra trained or saved
 
 
 def test_resume_reports_a_missing_checkpoint(tmp_path):
@@ -294,6 +361,55 @@ def test_demo_recipe_with_4x4_pixel_tokens_and_more_caption_dropout(tmp_path, mo
     assert latents.shape == (1, 12, 16, 16)
     for c, p, q, i, j in [(0, 0, 0, 0, 0), (1, 1, 0, 7, 3), (2, 1, 1, 15, 9)]:
         assert latents[0, c * 4 + p * 2 + q, i, j] == pixels[0, c, 2 * i + p, 2 * j + q]
+
+
+def test_token_shapes_labels_each_token_by_the_shape_under_it():
+    """By hand on a 4x4 mask with 2x2-pixel tokens (token order: rows of tokens), then on real samples: a token
+    wholly on one object takes 1 + that shape's index, wholly on the background 0, across an edge -100."""
+    from types import SimpleNamespace
+
+    demo = load_script()
+    sample = SimpleNamespace(class_names=["grass", "triangle", "circle"], mask=np.array([[1, 1, 0, 0],
+                                                                                         [1, 1, 0, 2],
+                                                                                         [0, 0, 2, 2],
+                                                                                         [0, 0, 2, 2]]))
+    assert demo.token_shapes(sample, 2).tolist() == [3, -100, 0, 1]
+    assert demo.token_shapes(sample, 4).tolist() == [-100]
+    from concept_attention.shapes import make_sample
+
+    for index in range(20):
+        real = make_sample(5, index)
+        labels = demo.token_shapes(real, 2).reshape(16, 16)
+        centre = real.mask[::2, ::2]                                     # each token's top-left pixel
+        names = np.array([0] + [1 + ["circle", "square", "triangle"].index(n) for n in real.class_names[1:]])
+        whole = labels >= 0
+        assert (labels[whole].numpy() == names[centre][whole.numpy()]).all()
+        assert set(labels[whole].tolist()) == set(names.tolist())        # every object has whole tokens
+
+
+def test_demo_recipe_with_a_shape_loss_resumes_bit_exactly(tmp_path, monkeypatch):
+    """--shape-loss reaches recipe.json and the trainer (read-outs after every double block, 4 classes); the
+    classifier is saved, a resumed run equals a straight one, and the export holds only the transformer."""
+    demo = load_script()
+    tiny = ["--hidden", "24", "--depth", "2", "--single-depth", "0", "--batch-size", "2", "--shape-loss", "0.5",
+            "--checkpoint-every", "1", "--export-every", "2", "--device", "cpu"]
+
+    def train(work: Path, steps: int, *extra: str) -> None:
+        monkeypatch.setattr("sys.argv", ["train_demo.py", "--work-dir", str(work), "--steps", str(steps), *extra])
+        demo.main()
+
+    train(tmp_path / "straight", 2, *tiny)
+    train(tmp_path / "resumed", 1, *tiny)
+    train(tmp_path / "resumed", 2)
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "resumed"))
+    config = a["train_config"]
+    assert (config["token_loss_weight"], tuple(config["token_loss_layers"]), config["token_classes"]) == (0.5, (0, 1), 4)
+    for name in ("model", "ema", "classifier"):
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    assert json.loads((tmp_path / "resumed" / "recipe.json").read_text())["shape_loss"] == 0.5
+    with pytest.raises(SystemExit, match=r"--shape-loss 1.0 \(recipe.json: 0.5\)"):
+        train(tmp_path / "resumed", 3, "--shape-loss", "1.0")
+    load_flux(tmp_path / "straight" / "exports" / "step-000002" / "flux1-demo.safetensors")   # strict: no extras
 
 
 @pytest.mark.parametrize("flag", [["--hidden", "100"], ["--caption-dropout", "1.5"]])
