@@ -16,6 +16,11 @@ moved to it); the random draws stay on the CPU, so a run's noise does not depend
 Optionally (`token_loss_weight` > 0) a linear read-out of the image tokens after chosen layers is trained to
 name each token's class (e.g. the shape of the object it lies on): an auxiliary loss that makes those layers
 encode what the denoising loss alone does not teach a small model. The read-out is never exported.
+
+Optionally (`grounding_loss_weight` > 0) the caption words that name something in the image are taught where
+it is: in chosen double blocks, each such word's attention over the image tokens (its query on their keys,
+averaged over heads) should fall on its region, loss (1 - mass inside)^2 -- the token-level grounding loss of
+TokenCompose (Wang et al., CVPR 2024), here on the text-to-image direction of the joint attention.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from tqdm.auto import tqdm
 
 from flux_mini.loading import save_flux
 from flux_mini.flux1 import Flux, FluxConfig
+from flux_mini.interp import NamedSites
 from flux_mini.layers import LayerOutput
 from flux_mini.sampling import image_ids, pack, text_ids
 
@@ -57,6 +63,8 @@ class TrainConfig:
     token_loss_weight: float = 0.0  # auxiliary token classification (0: off); batches then carry token_labels
     token_loss_layers: tuple[int, ...] = ()  # layers whose image tokens are classified (flux layer numbers)
     token_classes: int = 0
+    grounding_loss_weight: float = 0.0  # caption words' attention on their regions (0: off); needs word_regions
+    grounding_layers: tuple[int, ...] = ()  # double blocks whose attention is grounded
 
     def __post_init__(self) -> None:
         for name in ("caption_dropout", "zero_y_prob"):
@@ -69,6 +77,9 @@ class TrainConfig:
         if self.token_loss_weight > 0 and (not self.token_loss_layers or self.token_classes < 2):
             raise ValueError("a token loss needs token_loss_layers (which layers to read) and token_classes >= 2, "
                              f"got {self.token_loss_layers} and {self.token_classes}")
+        if self.grounding_loss_weight < 0 or (self.grounding_loss_weight > 0 and not self.grounding_layers):
+            raise ValueError("grounding_loss_weight must be >= 0, and > 0 needs grounding_layers (double blocks), "
+                             f"got {self.grounding_loss_weight} and {self.grounding_layers}")
 
 
 @dataclass
@@ -79,6 +90,12 @@ class Batch:
     txt: Tensor  # (B, T, context_in_dim)  T5 states of the captions
     y: Tensor  # (B, vec_in_dim)          pooled CLIP vectors
     token_labels: Tensor | None = None  # (B, L) class of each image token, -100 where it has none (token loss)
+    word_regions: Tensor | None = None  # (B, T, L) share of each image token that caption token T names (grounding)
+
+    def to(self, device: torch.device) -> Batch:
+        """Text and latents on `device`; the labels and regions follow them where the losses use them."""
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return Batch(*(move(x) for x in (self.latents, self.txt, self.y, self.token_labels, self.word_regions)))
 
 
 @dataclass
@@ -112,7 +129,10 @@ def drop_conditioning(batch: Batch, null: Conditioning, config: TrainConfig, gen
     txt = torch.where(drop[:, None, None], null.null_txt.to(batch.txt), batch.txt)
     y = torch.where(drop[:, None], null.null_y.to(batch.y), batch.y)
     y = torch.where(zero_y[:, None], torch.zeros_like(y), y)
-    return Batch(batch.latents, txt, y, batch.token_labels)
+    regions = batch.word_regions
+    if regions is not None:  # a dropped caption has no words to ground
+        regions = torch.where(drop[:, None, None], torch.zeros_like(regions), regions)
+    return Batch(batch.latents, txt, y, batch.token_labels, regions)
 
 
 class TokenClassifier(nn.Module):
@@ -135,15 +155,45 @@ class TokenClassifier(nn.Module):
         return total / len(self.layers)
 
 
+class QueryKeyRecorder(NamedSites):
+    """Keeps the joint attention's queries and keys of chosen double blocks (with their gradients)."""
+
+    def __init__(self, layers: tuple[int, ...]):
+        self.wanted = {f"double_blocks.{i}.{s}" for i in layers for s in ("q", "k")}
+        self.values: dict[str, Tensor] = {}
+
+    def visit(self, name: str, value: Tensor) -> Tensor:
+        if name in self.wanted:
+            self.values[name] = value
+        return value
+
+
+def grounding_loss(recorded: dict[str, Tensor], layers: tuple[int, ...], regions: Tensor, t: Tensor) -> Tensor:
+    """(1 - share of each grounded word's head-averaged attention over the image tokens that lies on its region)^2,
+    averaged over the grounded words (weighted by 1 - t) and the layers; regions (B, T, L) as in Batch."""
+    num_txt = regions.shape[1]
+    grounded = (regions.sum(-1) > 0) * (1 - t)[:, None]  # (B, T)
+    total = regions.new_zeros(())
+    for layer in layers:
+        q, k = recorded[f"double_blocks.{layer}.q"], recorded[f"double_blocks.{layer}.k"]  # (B, H, T + L, Dh)
+        scores = torch.einsum("bhtd,bhld->bhtl", q[:, :, :num_txt], k[:, :, num_txt:]) / q.shape[-1] ** 0.5
+        attention = scores.softmax(-1).mean(1)  # (B, T, L): each text token's attention over the image tokens
+        inside = (attention * regions).sum(-1)  # (B, T)
+        total = total + ((1 - inside) ** 2 * grounded).sum() / grounded.sum().clamp_min(1e-8)
+    return total / len(layers)
+
+
 def flow_loss(
     model: Flux, batch: Batch, t: Tensor, noise: Tensor, classifier: TokenClassifier | None = None,
-    token_loss_weight: float = 0.0,
+    token_loss_weight: float = 0.0, grounding_loss_weight: float = 0.0, grounding_layers: tuple[int, ...] = (),
 ) -> Tensor:
     """Mean squared velocity error of `model` on a batch at timesteps t (B,) with noise like the latents,
-    plus token_loss_weight x the classifier's loss when a classifier is given."""
+    plus token_loss_weight x the classifier's loss when a classifier is given, plus grounding_loss_weight x
+    the grounding loss of `grounding_layers` when that weight is > 0."""
     _, _, h, w = batch.latents.shape
     b = batch.latents.shape[0]
     x_t, target = flow_pair(batch.latents, noise, t)
+    recorder = QueryKeyRecorder(grounding_layers if grounding_loss_weight > 0 else ())
     outputs = list(model.layers(
         img=pack(x_t),
         img_ids=image_ids(b, h // 2, w // 2, device=x_t.device),
@@ -151,13 +201,19 @@ def flow_loss(
         txt_ids=text_ids(b, batch.txt.shape[1], device=x_t.device),
         timesteps=t.to(x_t.dtype),
         y=batch.y,
+        sites=recorder,
     ))
     loss = F.mse_loss(model.velocity(outputs[-1]), pack(target))
-    if classifier is None:
-        return loss
-    if batch.token_labels is None:
-        raise ValueError("this run trains a token loss: every batch needs token_labels (B, L)")
-    return loss + token_loss_weight * classifier.loss(outputs, batch.token_labels.to(x_t.device), t.to(x_t.dtype))
+    t = t.to(x_t.dtype)
+    if classifier is not None:
+        if batch.token_labels is None:
+            raise ValueError("this run trains a token loss: every batch needs token_labels (B, L)")
+        loss = loss + token_loss_weight * classifier.loss(outputs, batch.token_labels, t)
+    if grounding_loss_weight > 0:
+        if batch.word_regions is None:
+            raise ValueError("this run trains a grounding loss: every batch needs word_regions (B, T, L)")
+        loss = loss + grounding_loss_weight * grounding_loss(recorder.values, grounding_layers, batch.word_regions, t)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,14 +259,15 @@ class Trainer:
         """One optimiser step on `batch`; returns the loss before the update."""
         cfg = self.config
         device = next(self.model.parameters()).device
-        batch = Batch(batch.latents.to(device), batch.txt.to(device), batch.y.to(device), batch.token_labels)
+        batch = batch.to(device)
         batch = drop_conditioning(batch, self.null, cfg, self.generator)
         t = sample_timesteps(batch.latents.shape[0], cfg.logit_mean, cfg.logit_std, self.generator).to(device)
         noise = torch.randn(batch.latents.shape, generator=self.generator).to(batch.latents)
 
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss = flow_loss(self.model, batch, t, noise, self.classifier, cfg.token_loss_weight)
+        loss = flow_loss(self.model, batch, t, noise, self.classifier, cfg.token_loss_weight,
+                         cfg.grounding_loss_weight, cfg.grounding_layers)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
@@ -280,15 +337,17 @@ class Trainer:
             raise FileNotFoundError(f"no training checkpoint at {path}; start a new run instead of resuming")
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["train_config"]
-        config = config or TrainConfig(
-            **{**saved, "betas": tuple(saved["betas"]), "token_loss_layers": tuple(saved.get("token_loss_layers", ()))}
-        )
+        tuples = {name: tuple(saved.get(name, ())) for name in ("betas", "token_loss_layers", "grounding_layers")}
+        config = config or TrainConfig(**(saved | tuples))
         model = Flux(FluxConfig(**state["flux_config"]))
         model.load_state_dict(state["model"])
         model.to(device)
         trainer = cls(model, config, Conditioning(state["null_txt"], state["null_y"]), step=state["step"])
         trainer.ema.load_state_dict(state["ema"])
         if trainer.classifier is not None:
+            if "classifier" not in state:
+                raise ValueError(f"{path} was trained without a token loss, so it has no read-out to resume: "
+                                 "resume with token_loss_weight 0, or start a new run with the token loss")
             trainer.classifier.load_state_dict(state["classifier"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.generator.set_state(state["generator"])

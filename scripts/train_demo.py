@@ -38,8 +38,8 @@ from flux_mini.train import (
 T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
 RECIPE_DEFAULTS = {"batch_size": 16, "hidden": 96, "depth": 4, "single_depth": 1, "single_object_steps": 0,
-                   "patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0}
-RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0}  # what recipes before these flags ran with
+                   "patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0}
+RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0}  # before these flags
 
 
 def demo_flux_config(
@@ -148,6 +148,10 @@ class CaptionEncoder:
                 self.cache[caption] = (txt, y)
         return torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions])
 
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        """(B, T) the T5 token ids of the captions (the tiny tokenizer has one token per word)."""
+        return self.t5.tokenize(captions)[0].cpu()
+
     def concepts(self, words: list[str]) -> torch.Tensor:
         """Each word encoded alone, first output token kept (the authors' choice): (r, T5_DIM)."""
         return self.t5(words)[:, 0]
@@ -173,21 +177,37 @@ def token_shapes(sample: ShapesSample, patch: int) -> torch.Tensor:
     return torch.where(whole, pixels[:, 0], -100)
 
 
+def word_regions(sample: ShapesSample, token_ids: torch.Tensor, shape_ids: dict[int, str], patch: int) -> torch.Tensor:
+    """For the grounding loss: (T, L), row i the share of each image token's pixels that lie on the objects named
+    by caption token i when it is a shape word (all its objects of that shape), zeros for every other token."""
+    regions = torch.zeros(len(token_ids), (sample.mask.shape[0] // patch) * (sample.mask.shape[1] // patch))
+    for position, token in enumerate(token_ids.tolist()):
+        if token in shape_ids:
+            objects = [i for i, name in enumerate(sample.class_names) if i > 0 and name == shape_ids[token]]
+            on = torch.from_numpy(np.isin(sample.mask, objects)).float()
+            regions[position] = rearrange(on, "(h p) (w q) -> (h w) (p q)", p=patch, q=patch).mean(-1)
+    return regions
+
+
 def shapes_data(
     encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED, patch: int = 2
 ):
     """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step. Curriculum: the
     first `single_object_steps` batches show one object per image (each shape word alone with its outline).
-    Batches carry each token's shape (`token_shapes`), which only a run with a shape loss reads."""
+    Batches carry each token's shape (`token_shapes`) and the regions of the caption's shape words
+    (`word_regions`), which only runs with a shape or grounding loss read."""
     single, mixed = ShapesConfig(two_object_prob=0.0), ShapesConfig()
     autoencoder = pixel_autoencoder(patch)
+    shape_ids = dict(zip(encoder.token_ids(list(SHAPES))[:, 0].tolist(), SHAPES))
 
     def data(step: int) -> Batch:
         config = single if step < single_object_steps else mixed
         samples = [make_sample(seed, step * batch_size + i, config) for i in range(batch_size)]
         txt, y = encoder([s.caption for s in samples])
         labels = torch.stack([token_shapes(s, patch) for s in samples])
-        return Batch(autoencoder.encode(to_pixels([s.image for s in samples])), txt, y, labels)
+        ids = encoder.token_ids([s.caption for s in samples])
+        regions = torch.stack([word_regions(s, i, shape_ids, patch) for s, i in zip(samples, ids)])
+        return Batch(autoencoder.encode(to_pixels([s.image for s in samples])), txt, y, labels, regions)
 
     return data
 
@@ -240,12 +260,13 @@ def benchmark_export(folder: Path, num_images: int, seed: int, out: Path, device
 
 
 def train_config(recipe: dict, lr: float) -> TrainConfig:
-    """The optimisation settings of a recipe; the shape loss reads the image tokens after every double block
-    (the layers whose maps ConceptAttention averages)."""
+    """The optimisation settings of a recipe; the shape and grounding losses act on every double block (the
+    layers whose maps ConceptAttention averages)."""
+    double_blocks = tuple(range(recipe["depth"]))
     return TrainConfig(
         batch_size=recipe["batch_size"], lr=lr, ema_decay=0.998, caption_dropout=recipe["caption_dropout"],
-        token_loss_weight=recipe["shape_loss"], token_loss_layers=tuple(range(recipe["depth"])),
-        token_classes=1 + len(SHAPES),
+        token_loss_weight=recipe["shape_loss"], token_loss_layers=double_blocks, token_classes=1 + len(SHAPES),
+        grounding_loss_weight=recipe["grounding_loss"], grounding_layers=double_blocks,
     )
 
 
@@ -275,6 +296,10 @@ def main() -> None:
                        help="weight of an auxiliary loss: a linear read-out of the image tokens after every double "
                        "block names the shape under each token (teaches the image stream to recognise shapes), "
                        f"default {RECIPE_DEFAULTS['shape_loss']} (off)")
+    group.add_argument("--grounding-loss", type=float,
+                       help="weight of an auxiliary loss: each shape word of a caption attends (text queries on "
+                       "image keys, every double block) to the objects it names, as TokenCompose does; "
+                       f"default {RECIPE_DEFAULTS['grounding_loss']} (off)")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")

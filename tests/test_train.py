@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
 from flux_mini.layers import LayerOutput
 from flux_mini.loading import load_flux
 from flux_mini.flux1 import Flux
+from flux_mini.interp import attention_weights
 from flux_mini.sampling import euler_step, image_ids, pack, text_ids
 from flux_mini.tiny import randomize_, tiny_flux_config
 from flux_mini.train import (
@@ -204,6 +206,84 @@ def test_token_loss_trains_a_read_out_and_resumes_exactly(tmp_path):
     assert new_trainer().classifier is None      # off by default: nothing extra trained or saved
 
 
+GROUNDED = tiny_flux_config(in_channels=12, out_channels=12, hidden_size=32, num_heads=2, axes_dim=(4, 6, 6), depth=2)
+
+
+def square_regions(batch: Batch) -> Batch:
+    """fixed_batch with text token 1 naming the bright square (its share of each 2x2-pixel token), the rest none."""
+    on_square = (batch.latents[:, 0] != -0.8).float()  # (B, 8, 8)
+    regions = torch.zeros(batch.txt.shape[0], batch.txt.shape[1], 16)
+    regions[:, 1] = rearrange(on_square, "b (h p) (w q) -> b (h w) (p q)", p=2, q=2).mean(-1)
+    return Batch(batch.latents, batch.txt, batch.y, None, regions)
+
+
+def test_grounding_loss_is_the_share_of_each_words_image_attention_on_its_region():
+    """flow_loss with a grounding weight adds weight x mean over the chosen layers of the (1 - t)-weighted mean
+    over grounded words of (1 - sum_l a_l r_l)^2, a = the word's attention over the image tokens (the joint
+    softmax renormalised over them, `interp.attention_weights`), averaged over heads; words without a region
+    and unchosen layers count for nothing."""
+    torch.manual_seed(0)
+    model = randomize_(Flux(GROUNDED)).double()
+    batch = square_regions(fixed_batch(b=2, seed=3))
+    batch = Batch(batch.latents.double(), batch.txt.double(), batch.y.double(), None,
+                  batch.word_regions.double())
+    batch.word_regions[1, 3] = torch.rand(16, dtype=torch.float64)  # a second grounded word in sample 1
+    g = torch.Generator().manual_seed(4)
+    t, noise = torch.tensor([0.2, 0.7], dtype=torch.float64), torch.randn(2, 3, 8, 8, generator=g).double()
+    plain = flow_loss(model, batch, t, noise)
+    grounded = flow_loss(model, batch, t, noise, grounding_loss_weight=0.7, grounding_layers=(1,))
+
+    x_t, _ = flow_pair(batch.latents, noise, t)
+    weights = attention_weights(model, pack(x_t), image_ids(2, 4, 4), batch.txt, text_ids(2, 5), t, batch.y,
+                                layers=[1], queries="txt", keys="img")[1]  # (B, H, T, L)
+    expected, total_weight = 0.0, 0.0
+    for b in range(2):
+        for word in range(5):
+            region = batch.word_regions[b, word]
+            if region.sum() == 0:
+                continue
+            shares = [(weights[b, h, word] / weights[b, h, word].sum() * region).sum() for h in range(2)]
+            expected += (1 - t[b]) * (1 - sum(shares) / 2) ** 2
+            total_weight += 1 - t[b]
+    assert torch.allclose(grounded - plain, 0.7 * expected / total_weight, rtol=1e-10, atol=0)
+
+
+def test_grounding_loss_moves_a_words_attention_onto_its_region_and_resumes_exactly(tmp_path):
+    overrides = dict(grounding_loss_weight=1.0, grounding_layers=(0,), caption_dropout=0.0)
+    data = lambda step: square_regions(fixed_batch(seed=step))  # noqa: E731
+    trainer = new_trainer(**overrides)
+
+    def share_on_square(trainer: Trainer) -> float:
+        batch = data(100)
+        weights = attention_weights(trainer.model, pack(batch.latents), image_ids(4, 4, 4), batch.txt, text_ids(4, 5),
+                                    torch.zeros(4), batch.y, layers=[0], queries="txt", keys="img")[0]
+        weights = weights[:, :, 1] / weights[:, :, 1].sum(-1, keepdim=True)  # (B, H, L): word 1 over the image
+        return (weights.mean(1) * batch.word_regions[:, 1]).sum(-1).mean().item()
+
+    before = share_on_square(trainer)
+    path = tmp_path / "checkpoint.pt"
+    trainer.fit(data, until=40, checkpoint=path, checkpoint_every=40, progress=False)
+    assert share_on_square(trainer) > before + 0.2
+    resumed = Trainer.resume(path)
+    assert resumed.config == trainer.config
+    assert trainer.train_step(data(40)) == resumed.train_step(data(40))
+    assert all(torch.equal(x, y) for x, y in zip(trainer.model.state_dict().values(), resumed.model.state_dict().values()))
+    with pytest.raises(ValueError, match="word_regions"):
+        trainer.train_step(fixed_batch())
+    with pytest.raises(ValueError, match="grounding_layers"):
+        TrainConfig(grounding_loss_weight=1.0)
+
+
+def test_a_dropped_caption_has_no_words_to_ground():
+    batch = square_regions(fixed_batch())
+    config = TrainConfig(caption_dropout=0.5)
+    dropped = drop_conditioning(batch, null_conditioning(), config, torch.Generator().manual_seed(0))
+    gone = (dropped.txt == null_conditioning().null_txt).all(-1).all(-1)  # (B,) which captions were dropped
+    assert 0 < gone.sum() < 4
+    assert (dropped.word_regions[gone] == 0).all()
+    assert torch.equal(dropped.word_regions[~gone], batch.word_regions[~gone])
+
+
 def test_resume_reports_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):
         Trainer.resume(tmp_path / "missing.pt")
@@ -387,12 +467,38 @@ def test_token_shapes_labels_each_token_by_the_shape_under_it():
         assert set(labels[whole].tolist()) == set(names.tolist())        # every object has whole tokens
 
 
+def test_word_regions_ground_each_shape_word_of_a_caption_on_its_objects():
+    """By hand (4x4 mask, 2x2-pixel tokens, both circles under the one word "circle"), then on real captions: each
+    shape word's row is the share of each token on the objects of that shape; other words have empty rows."""
+    from types import SimpleNamespace
+
+    demo = load_script()
+    sample = SimpleNamespace(class_names=["grass", "circle", "square", "circle"], mask=np.array([[1, 1, 0, 0],
+                                                                                              [1, 0, 0, 3],
+                                                                                              [2, 2, 3, 3],
+                                                                                              [2, 2, 3, 3]]))
+    ids = torch.tensor([5, 7, 9, 1])  # "a circle square </s>" with circle = 7, square = 9
+    regions = demo.word_regions(sample, ids, {7: "circle", 9: "square", 11: "triangle"}, 2)
+    assert regions.tolist() == [[0] * 4, [0.75, 0.25, 0, 1], [0, 0, 1, 0], [0] * 4]
+    from concept_attention.shapes import make_sample
+
+    words = {name: i for i, name in enumerate(["circle", "square", "triangle"], start=100)}
+    for index in range(20):
+        real = make_sample(5, index)
+        tokens = real.caption.split()
+        ids = torch.tensor([words.get(w, 0) for w in tokens])
+        regions = demo.word_regions(real, ids, {i: w for w, i in words.items()}, 2)
+        for position, word in enumerate(tokens):
+            objects = [i for i, name in enumerate(real.class_names) if i > 0 and name == word]
+            assert regions[position].sum().item() == pytest.approx(np.isin(real.mask, objects).sum() / 4)  # 0: none
+
+
 def test_demo_recipe_with_a_shape_loss_resumes_bit_exactly(tmp_path, monkeypatch):
-    """--shape-loss reaches recipe.json and the trainer (read-outs after every double block, 4 classes); the
+    """--shape-loss and --grounding-loss reach recipe.json and the trainer (every double block, 4 classes); the
     classifier is saved, a resumed run equals a straight one, and the export holds only the transformer."""
     demo = load_script()
     tiny = ["--hidden", "24", "--depth", "2", "--single-depth", "0", "--batch-size", "2", "--shape-loss", "0.5",
-            "--checkpoint-every", "1", "--export-every", "2", "--device", "cpu"]
+            "--grounding-loss", "0.25", "--checkpoint-every", "1", "--export-every", "2", "--device", "cpu"]
 
     def train(work: Path, steps: int, *extra: str) -> None:
         monkeypatch.setattr("sys.argv", ["train_demo.py", "--work-dir", str(work), "--steps", str(steps), *extra])
@@ -404,6 +510,7 @@ def test_demo_recipe_with_a_shape_loss_resumes_bit_exactly(tmp_path, monkeypatch
     a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "resumed"))
     config = a["train_config"]
     assert (config["token_loss_weight"], tuple(config["token_loss_layers"]), config["token_classes"]) == (0.5, (0, 1), 4)
+    assert (config["grounding_loss_weight"], tuple(config["grounding_layers"])) == (0.25, (0, 1))
     for name in ("model", "ema", "classifier"):
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
     assert json.loads((tmp_path / "resumed" / "recipe.json").read_text())["shape_loss"] == 0.5
