@@ -26,7 +26,7 @@ import torch
 
 from einops import rearrange
 
-from concept_attention.shapes import SHAPES, ShapesConfig, ShapesSample, make_sample, vocabulary
+from concept_attention.shapes import BACKGROUND_COLOURS, SHAPES, ShapesConfig, ShapesSample, make_sample, vocabulary
 from flux_mini.autoencoder import IdentityAutoEncoder
 from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.text_encoders import CLIPEmbedder, T5Embedder
@@ -38,8 +38,10 @@ from flux_mini.train import (
 T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
 RECIPE_DEFAULTS = {"batch_size": 16, "hidden": 96, "depth": 4, "single_depth": 1, "single_object_steps": 0,
-                   "patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0}
-RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0}  # before these flags
+                   "patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0,
+                   "ground_background": True}
+RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0,
+                 "ground_background": False}  # what recipes written before these flags ran with
 
 
 def demo_flux_config(
@@ -177,28 +179,32 @@ def token_shapes(sample: ShapesSample, patch: int) -> torch.Tensor:
     return torch.where(whole, pixels[:, 0], -100)
 
 
-def word_regions(sample: ShapesSample, token_ids: torch.Tensor, shape_ids: dict[int, str], patch: int) -> torch.Tensor:
-    """For the grounding loss: (T, L), row i the share of each image token's pixels that lie on the objects named
-    by caption token i when it is a shape word (all its objects of that shape), zeros for every other token."""
+def word_regions(sample: ShapesSample, token_ids: torch.Tensor, word_ids: dict[int, str], patch: int) -> torch.Tensor:
+    """For the grounding loss: (T, L), row i the share of each image token's pixels that lie on what caption
+    token i names when it is one of `word_ids`: a shape word all its objects of that shape, the background word
+    the background; zeros for every other token."""
     regions = torch.zeros(len(token_ids), (sample.mask.shape[0] // patch) * (sample.mask.shape[1] // patch))
     for position, token in enumerate(token_ids.tolist()):
-        if token in shape_ids:
-            objects = [i for i, name in enumerate(sample.class_names) if i > 0 and name == shape_ids[token]]
-            on = torch.from_numpy(np.isin(sample.mask, objects)).float()
+        if word_ids.get(token) in sample.class_names:
+            named = [i for i, name in enumerate(sample.class_names) if name == word_ids[token]]
+            on = torch.from_numpy(np.isin(sample.mask, named)).float()
             regions[position] = rearrange(on, "(h p) (w q) -> (h w) (p q)", p=patch, q=patch).mean(-1)
     return regions
 
 
 def shapes_data(
-    encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED, patch: int = 2
+    encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED, patch: int = 2,
+    ground_background: bool = True,
 ):
     """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step. Curriculum: the
     first `single_object_steps` batches show one object per image (each shape word alone with its outline).
     Batches carry each token's shape (`token_shapes`) and the regions of the caption's shape words
-    (`word_regions`), which only runs with a shape or grounding loss read."""
+    and, with `ground_background`, of its background word (`word_regions`), which only runs with a shape or
+    grounding loss read."""
     single, mixed = ShapesConfig(two_object_prob=0.0), ShapesConfig()
     autoencoder = pixel_autoencoder(patch)
-    shape_ids = dict(zip(encoder.token_ids(list(SHAPES))[:, 0].tolist(), SHAPES))
+    grounded = list(SHAPES) + (list(BACKGROUND_COLOURS) if ground_background else [])
+    word_ids = dict(zip(encoder.token_ids(grounded)[:, 0].tolist(), grounded))
 
     def data(step: int) -> Batch:
         config = single if step < single_object_steps else mixed
@@ -206,7 +212,7 @@ def shapes_data(
         txt, y = encoder([s.caption for s in samples])
         labels = torch.stack([token_shapes(s, patch) for s in samples])
         ids = encoder.token_ids([s.caption for s in samples])
-        regions = torch.stack([word_regions(s, i, shape_ids, patch) for s, i in zip(samples, ids)])
+        regions = torch.stack([word_regions(s, i, word_ids, patch) for s, i in zip(samples, ids)])
         return Batch(autoencoder.encode(to_pixels([s.image for s in samples])), txt, y, labels, regions)
 
     return data
@@ -300,6 +306,9 @@ def main() -> None:
                        help="weight of an auxiliary loss: each shape word of a caption attends (text queries on "
                        "image keys, every double block) to the objects it names, as TokenCompose does; "
                        f"default {RECIPE_DEFAULTS['grounding_loss']} (off)")
+    group.add_argument("--ground-background", action=argparse.BooleanOptionalAction,
+                       help="the grounding loss also grounds the caption's background word on the background, "
+                       f"default {RECIPE_DEFAULTS['ground_background']}")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")
@@ -370,7 +379,8 @@ def main() -> None:
 
     if trainer.step == 0:
         export(trainer)  # the untrained model (weights/demo-untrained)
-    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=recipe["patch"])
+    data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=recipe["patch"],
+                       ground_background=recipe["ground_background"])
     trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, export)
 
 

@@ -469,7 +469,8 @@ def test_token_shapes_labels_each_token_by_the_shape_under_it():
 
 def test_word_regions_ground_each_shape_word_of_a_caption_on_its_objects():
     """By hand (4x4 mask, 2x2-pixel tokens, both circles under the one word "circle"), then on real captions: each
-    shape word's row is the share of each token on the objects of that shape; other words have empty rows."""
+    shape word's row is the share of each token on the objects of that shape, the background word's the share on
+    the background; other words (and words not offered) have empty rows."""
     from types import SimpleNamespace
 
     demo = load_script()
@@ -477,20 +478,21 @@ def test_word_regions_ground_each_shape_word_of_a_caption_on_its_objects():
                                                                                               [1, 0, 0, 3],
                                                                                               [2, 2, 3, 3],
                                                                                               [2, 2, 3, 3]]))
-    ids = torch.tensor([5, 7, 9, 1])  # "a circle square </s>" with circle = 7, square = 9
-    regions = demo.word_regions(sample, ids, {7: "circle", 9: "square", 11: "triangle"}, 2)
-    assert regions.tolist() == [[0] * 4, [0.75, 0.25, 0, 1], [0, 0, 1, 0], [0] * 4]
+    ids = torch.tensor([5, 7, 9, 13, 1])  # "a circle square grass </s>" with circle = 7, square = 9, grass = 13
+    regions = demo.word_regions(sample, ids, {7: "circle", 9: "square", 11: "triangle", 13: "grass"}, 2)
+    assert regions.tolist() == [[0] * 4, [0.75, 0.25, 0, 1], [0, 0, 1, 0], [0.25, 0.75, 0, 0], [0] * 4]
+    assert demo.word_regions(sample, ids, {7: "circle"}, 2)[2:].sum() == 0
     from concept_attention.shapes import make_sample
 
-    words = {name: i for i, name in enumerate(["circle", "square", "triangle"], start=100)}
+    words = {name: i for i, name in enumerate(["circle", "square", "triangle", "grass", "sky", "sand", "night"], 100)}
     for index in range(20):
         real = make_sample(5, index)
         tokens = real.caption.split()
         ids = torch.tensor([words.get(w, 0) for w in tokens])
         regions = demo.word_regions(real, ids, {i: w for w, i in words.items()}, 2)
         for position, word in enumerate(tokens):
-            objects = [i for i, name in enumerate(real.class_names) if i > 0 and name == word]
-            assert regions[position].sum().item() == pytest.approx(np.isin(real.mask, objects).sum() / 4)  # 0: none
+            named = [i for i, name in enumerate(real.class_names) if name == word]
+            assert regions[position].sum().item() == pytest.approx(np.isin(real.mask, named).sum() / 4)  # 0: none
 
 
 def test_demo_recipe_with_a_shape_loss_resumes_bit_exactly(tmp_path, monkeypatch):
