@@ -147,6 +147,40 @@ def decodable(pipe, images: int) -> None:
                   + (f"{100 * two.mean():.0f}%" if len(two) else "(no test image has two shapes)"))
 
 
+def grounding(pipe, images: int) -> None:
+    model = pipe.flux.model
+    depth = model.config.depth
+    sites = [f"double_blocks.{i}.{site}" for i in range(depth) for site in ("concept_q", "k")]
+    shares = np.zeros((depth, 3))  # (layer, [background word, shape words, shape words on the other object])
+    areas = np.zeros(2)
+    done, index = 0, 0
+    while done < images:
+        sample = make_sample(STREAM, index, ShapesConfig())
+        index += 1
+        if len(sample.class_names) != 3 or sample.class_names[1] == sample.class_names[2]:
+            continue
+        done += 1
+        cache = Interventions(model, cache=sites)
+        pipe.encode_image(sample.image, sample.class_names, prompt="", t=0.5, num_samples=1, interventions=cache)
+        grid = pipe.flux.token_grid(*sample.mask.shape)
+        mask = torch.from_numpy(sample.mask)
+        regions = torch.stack([F.adaptive_avg_pool2d((mask == i).double()[None], grid)[0].flatten() for i in range(3)])
+        areas += [regions[0].mean().item(), regions[1:].mean().item() * 1]
+        for layer in range(depth):
+            q = cache.cache[0][f"double_blocks.{layer}.concept_q"][0].double()  # (H, r, Dh)
+            k = cache.cache[0][f"double_blocks.{layer}.k"][0, :, -regions.shape[1]:].double()  # (H, L, Dh)
+            attention = torch.einsum("hrd,hld->hrl", q, k).div(q.shape[-1] ** 0.5).softmax(-1).mean(0)  # (r, L)
+            share = (attention * regions).sum(-1)
+            other = (attention[1:] * regions.flip(0)[:2]).sum(-1)  # word 1 on object 2, word 2 on object 1
+            shares[layer] += [share[0].item(), share[1:].mean().item(), other.mean().item()]
+    print(f"grounding on {images} two-shape images, empty prompt: share of each concept's image attention (softmax "
+          f"over the image keys, mean of heads) on its own region; area share: background {100 * areas[0] / images:.0f}%, "
+          f"an object {100 * areas[1] / images:.0f}%")
+    for layer in range(depth):
+        print(f"  layer {layer}: background word {100 * shares[layer, 0] / images:.0f}%, "
+              f"shape words {100 * shares[layer, 1] / images:.0f}% (on the other object {100 * shares[layer, 2] / images:.0f}%)")
+
+
 def drawn_shape(image, colour: str) -> str | None:
     """The shape of the pixels nearest `colour` (among all named and background colours), by bounding-box fill."""
     palette = {**COLOURS, **BACKGROUND_COLOURS}
@@ -174,7 +208,7 @@ def drawing(pipe) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("binding", "recognition", "decodable", "drawing"))
+    parser.add_argument("probe", choices=("binding", "recognition", "decodable", "grounding", "drawing"))
     parser.add_argument("model", help="a pipeline folder, e.g. weights/demo or WORK/exports/step-NNNNNN")
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
@@ -192,6 +226,8 @@ def main() -> None:
         recognition(pipe, args.images, args.attention)
     elif args.probe == "decodable":
         decodable(pipe, args.images)
+    elif args.probe == "grounding":
+        grounding(pipe, args.images)
     else:
         drawing(pipe)
 

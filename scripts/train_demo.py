@@ -39,9 +39,9 @@ T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
 RECIPE_DEFAULTS = {"batch_size": 16, "hidden": 96, "depth": 4, "single_depth": 1, "single_object_steps": 0,
                    "patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0,
-                   "ground_background": True}
+                   "ground_background": True, "init_from": None}
 RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0,
-                 "ground_background": False}  # what recipes written before these flags ran with
+                 "ground_background": False, "init_from": None}  # what recipes written before these flags ran with
 
 
 def demo_flux_config(
@@ -248,6 +248,22 @@ def export_folder(model: Flux, text_folder: Path, out: Path, dtype: torch.dtype 
 # ----------------------------------------------------------------------------------------------
 
 
+def initial_weights(folder: Path, recipe: dict) -> tuple[Flux, str]:
+    """The transformer of an export folder (--init-from) and the SHA-256 of its file; refused unless it is the
+    architecture the recipe describes."""
+    from flux_mini.loading import load_flux
+
+    path = folder / "flux1-demo.safetensors"
+    if not path.is_file() or not (folder / "t5").is_dir() or not (folder / "clip").is_dir():
+        raise SystemExit(f"error: --init-from {folder} is not a demo export (flux1-demo.safetensors, t5/, clip/)")
+    wanted = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe["patch"])
+    model = load_flux(path)
+    if model.config != wanted:
+        raise SystemExit(f"error: --init-from {folder} holds {json.dumps(model.config.to_dict())}, the recipe asks for "
+                         f"{json.dumps(wanted.to_dict())}: give the matching --hidden/--depth/--single-depth/--patch")
+    return model.float(), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def benchmark_export(folder: Path, num_images: int, seed: int, out: Path, device: str) -> str:
     """The demo benchmark (`concept-attention eval --dataset shapes`) on `num_images` images of stream `seed`,
     with the caption prompt (preset shapes) and the empty prompt (preset shapes-binding): a markdown report."""
@@ -306,6 +322,9 @@ def main() -> None:
                        help="weight of an auxiliary loss: each shape word of a caption attends (text queries on "
                        "image keys, every double block) to the objects it names, as TokenCompose does; "
                        f"default {RECIPE_DEFAULTS['grounding_loss']} (off)")
+    group.add_argument("--init-from", type=str, metavar="EXPORT",
+                       help="start from the weights (and text encoders) of an export folder, e.g. weights/demo, "
+                       "instead of a random init: a fine-tuning run; the recipe's architecture must match it")
     group.add_argument("--ground-background", action=argparse.BooleanOptionalAction,
                        help="the grounding loss also grounds the caption's background word on the background, "
                        f"default {RECIPE_DEFAULTS['ground_background']}")
@@ -351,8 +370,13 @@ def main() -> None:
             train_config(recipe, args.lr)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
+        if recipe["init_from"] is not None:
+            recipe["init_sha256"] = initial_weights(Path(recipe["init_from"]), recipe)[1]
         work.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
+        if recipe["init_from"] is not None:  # the model reads words through the encoders it was trained with
+            for name in ("t5", "clip"):
+                shutil.copytree(Path(recipe["init_from"]) / name, work / name)
     if not (work / "t5").exists():
         build_text_encoders(work, vocabulary(), seed=0)
     encoder = CaptionEncoder(work)
@@ -367,7 +391,14 @@ def main() -> None:
         null_txt, null_y = encoder([""])
         config = train_config(recipe, args.lr)
         flux_config = demo_flux_config(recipe["depth"], recipe["single_depth"], recipe["hidden"], recipe["patch"])
-        model = zero_init_modulation_(Flux(flux_config)).to(args.device)
+        if recipe["init_from"] is None:
+            model = zero_init_modulation_(Flux(flux_config))
+        else:
+            model, digest = initial_weights(Path(recipe["init_from"]), recipe)
+            if digest != recipe["init_sha256"]:
+                raise SystemExit(f"error: {recipe['init_from']} changed since this run was started (SHA-256 "
+                                 f"{digest}, recipe.json {recipe['init_sha256']}); start a new --work-dir")
+        model = model.to(args.device)
         trainer = Trainer(model, config, Conditioning(null_txt.to(args.device), null_y.to(args.device)))
     print(f"model {parameter_count(trainer.model)} parameters, {json.dumps(trainer.model.config.to_dict())}")
 

@@ -521,6 +521,31 @@ def test_demo_recipe_with_a_shape_loss_resumes_bit_exactly(tmp_path, monkeypatch
     load_flux(tmp_path / "straight" / "exports" / "step-000002" / "flux1-demo.safetensors")   # strict: no extras
 
 
+def test_demo_recipe_can_start_from_an_export(tmp_path, monkeypatch):
+    """--init-from: the new run's step 0 is the export's transformer (and text encoders), recorded with its SHA-256;
+    an export of another architecture is refused by name before anything is written."""
+    demo = load_script()
+    tiny = ["--hidden", "24", "--depth", "2", "--single-depth", "0", "--batch-size", "2", "--export-every", "1",
+            "--device", "cpu"]
+
+    def train(work: Path, steps: int, *extra: str) -> None:
+        monkeypatch.setattr("sys.argv", ["train_demo.py", "--work-dir", str(work), "--steps", str(steps), *extra])
+        demo.main()
+
+    train(tmp_path / "base", 1, *tiny)
+    base = tmp_path / "base" / "exports" / "step-000001"
+    train(tmp_path / "fork", 1, *tiny, "--init-from", str(base), "--grounding-loss", "1")
+    start = load_flux(tmp_path / "fork" / "exports" / "step-000000" / "flux1-demo.safetensors").state_dict()
+    assert all(torch.equal(x, y) for x, y in zip(load_flux(base / "flux1-demo.safetensors").state_dict().values(),
+                                                 start.values()))
+    assert (tmp_path / "fork" / "t5" / "config.json").read_bytes() == (base / "t5" / "config.json").read_bytes()
+    recipe = json.loads((tmp_path / "fork" / "recipe.json").read_text())
+    assert recipe["init_from"] == str(base) and len(recipe["init_sha256"]) == 64
+    with pytest.raises(SystemExit, match="--init-from .* the recipe asks for"):
+        train(tmp_path / "wider", 1, *tiny[:1], "48", *tiny[2:], "--init-from", str(base))
+    assert not (tmp_path / "wider").exists()
+
+
 @pytest.mark.parametrize("flag", [["--hidden", "100"], ["--caption-dropout", "1.5"]])
 def test_demo_recipe_that_cannot_be_built_is_refused_before_writing(tmp_path, monkeypatch, flag):
     demo = load_script()
