@@ -26,7 +26,7 @@ import torch
 
 from einops import rearrange
 
-from concept_attention.shapes import BACKGROUND_COLOURS, SHAPES, ShapesConfig, ShapesSample, make_sample, vocabulary
+from concept_attention.shapes import BACKGROUND_COLOURS, COLOURS, SHAPES, ShapesConfig, ShapesSample, make_sample, vocabulary
 from flux_mini.autoencoder import IdentityAutoEncoder
 from flux_mini.flux1 import Flux, FluxConfig
 from flux_mini.text_encoders import CLIPEmbedder, T5Embedder
@@ -39,9 +39,9 @@ T5_DIM, CLIP_DIM, T5_MAX_LENGTH = 64, 32, 12
 TRAIN_SEED = 0  # the training image stream; benchmarks use other seeds (1: the README's, 2-3: fresh)
 RECIPE_DEFAULTS = {"batch_size": 16, "hidden": 96, "depth": 4, "single_depth": 1, "single_object_steps": 0,
                    "patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0,
-                   "ground_background": True, "init_from": None}
+                   "ground_background": True, "ground_colours": False, "init_from": None}
 RECIPE_LEGACY = {"patch": 2, "caption_dropout": 0.1, "shape_loss": 0.0, "grounding_loss": 0.0,
-                 "ground_background": False, "init_from": None}  # what recipes written before these flags ran with
+                 "ground_background": False, "ground_colours": False, "init_from": None}  # what recipes written before these flags ran with
 
 
 def demo_flux_config(
@@ -181,12 +181,14 @@ def token_shapes(sample: ShapesSample, patch: int) -> torch.Tensor:
 
 def word_regions(sample: ShapesSample, token_ids: torch.Tensor, word_ids: dict[int, str], patch: int) -> torch.Tensor:
     """For the grounding loss: (T, L), row i the share of each image token's pixels that lie on what caption
-    token i names when it is one of `word_ids`: a shape word all its objects of that shape, the background word
-    the background; zeros for every other token."""
+    token i names when it is one of `word_ids`: a shape word all its objects of that shape, a colour word all its
+    objects of that colour, the background word the background; zeros for every other token."""
     regions = torch.zeros(len(token_ids), (sample.mask.shape[0] // patch) * (sample.mask.shape[1] // patch))
     for position, token in enumerate(token_ids.tolist()):
-        if word_ids.get(token) in sample.class_names:
-            named = [i for i, name in enumerate(sample.class_names) if name == word_ids[token]]
+        word = word_ids.get(token)
+        named = [i for i, name in enumerate(sample.class_names) if name == word]
+        named += [i for i, colour in enumerate(sample.colours, start=1) if colour == word]
+        if named:
             on = torch.from_numpy(np.isin(sample.mask, named)).float()
             regions[position] = rearrange(on, "(h p) (w q) -> (h w) (p q)", p=patch, q=patch).mean(-1)
     return regions
@@ -194,16 +196,17 @@ def word_regions(sample: ShapesSample, token_ids: torch.Tensor, word_ids: dict[i
 
 def shapes_data(
     encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED, patch: int = 2,
-    ground_background: bool = True,
+    ground_background: bool = True, ground_colours: bool = False,
 ):
     """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step. Curriculum: the
     first `single_object_steps` batches show one object per image (each shape word alone with its outline).
     Batches carry each token's shape (`token_shapes`) and the regions of the caption's shape words
-    and, with `ground_background`, of its background word (`word_regions`), which only runs with a shape or
-    grounding loss read."""
+    and, with `ground_background` / `ground_colours`, of its background word / colour words (`word_regions`),
+    which only runs with a shape or grounding loss read."""
     single, mixed = ShapesConfig(two_object_prob=0.0), ShapesConfig()
     autoencoder = pixel_autoencoder(patch)
-    grounded = list(SHAPES) + (list(BACKGROUND_COLOURS) if ground_background else [])
+    grounded = list(SHAPES) + (list(BACKGROUND_COLOURS) if ground_background else []) + (
+        list(COLOURS) if ground_colours else [])
     word_ids = dict(zip(encoder.token_ids(grounded)[:, 0].tolist(), grounded))
 
     def data(step: int) -> Batch:
@@ -328,6 +331,9 @@ def main() -> None:
     group.add_argument("--ground-background", action=argparse.BooleanOptionalAction,
                        help="the grounding loss also grounds the caption's background word on the background, "
                        f"default {RECIPE_DEFAULTS['ground_background']}")
+    group.add_argument("--ground-colours", action=argparse.BooleanOptionalAction,
+                       help="the grounding loss also grounds the caption's colour words on their objects, "
+                       f"default {RECIPE_DEFAULTS['ground_colours']}")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark-only", action="store_true",
                        help="score --model (an export folder) with the demo benchmark and print the tables")
@@ -411,7 +417,7 @@ def main() -> None:
     if trainer.step == 0:
         export(trainer)  # the untrained model (weights/demo-untrained)
     data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=recipe["patch"],
-                       ground_background=recipe["ground_background"])
+                       ground_background=recipe["ground_background"], ground_colours=recipe["ground_colours"])
     trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, export)
 
 

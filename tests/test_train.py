@@ -474,17 +474,21 @@ def test_word_regions_ground_each_shape_word_of_a_caption_on_its_objects():
     from types import SimpleNamespace
 
     demo = load_script()
-    sample = SimpleNamespace(class_names=["grass", "circle", "square", "circle"], mask=np.array([[1, 1, 0, 0],
+    sample = SimpleNamespace(class_names=["grass", "circle", "square", "circle"], colours=["red", "blue", "blue"],
+                             mask=np.array([[1, 1, 0, 0],
                                                                                               [1, 0, 0, 3],
                                                                                               [2, 2, 3, 3],
                                                                                               [2, 2, 3, 3]]))
-    ids = torch.tensor([5, 7, 9, 13, 1])  # "a circle square grass </s>" with circle = 7, square = 9, grass = 13
-    regions = demo.word_regions(sample, ids, {7: "circle", 9: "square", 11: "triangle", 13: "grass"}, 2)
-    assert regions.tolist() == [[0] * 4, [0.75, 0.25, 0, 1], [0, 0, 1, 0], [0.25, 0.75, 0, 0], [0] * 4]
+    ids = torch.tensor([5, 7, 9, 13, 17, 1])  # "a circle square grass blue </s>": circle 7, square 9, grass 13, blue 17
+    words = {7: "circle", 9: "square", 11: "triangle", 13: "grass", 17: "blue"}
+    regions = demo.word_regions(sample, ids, words, 2)
+    assert regions.tolist() == [[0] * 4, [0.75, 0.25, 0, 1], [0, 0, 1, 0], [0.25, 0.75, 0, 0], [0, 0.25, 1, 1], [0] * 4]
     assert demo.word_regions(sample, ids, {7: "circle"}, 2)[2:].sum() == 0
     from concept_attention.shapes import make_sample
 
-    words = {name: i for i, name in enumerate(["circle", "square", "triangle", "grass", "sky", "sand", "night"], 100)}
+    names = ["circle", "square", "triangle", "grass", "sky", "sand", "night", "red", "orange", "yellow", "blue",
+             "purple", "pink"]
+    words = {name: i for i, name in enumerate(names, 100)}
     for index in range(20):
         real = make_sample(5, index)
         tokens = real.caption.split()
@@ -492,6 +496,7 @@ def test_word_regions_ground_each_shape_word_of_a_caption_on_its_objects():
         regions = demo.word_regions(real, ids, {i: w for w, i in words.items()}, 2)
         for position, word in enumerate(tokens):
             named = [i for i, name in enumerate(real.class_names) if name == word]
+            named += [i for i, colour in enumerate(real.colours, start=1) if colour == word]
             assert regions[position].sum().item() == pytest.approx(np.isin(real.mask, named).sum() / 4)  # 0: none
 
 
