@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with embedded_model() if args.weights is None else contextlib.nullcontext() as demo:
             label = demo.label if demo is not None and not demo.trained else None
+            if demo is not None and args.layers is None:
+                args.layers = demo.layers  # the layers its demo.json names (None: the model's default)
             run(args, args.weights or demo.weights, label)
     except (ValueError, FileNotFoundError) as error:
         print(f"concept-attention: error: {error}", file=sys.stderr)

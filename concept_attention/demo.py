@@ -18,7 +18,7 @@ GET_THE_DEMO = "for the trained demo model run from a clone of the repository (w
 @dataclass(frozen=True)
 class DemoModel:
     """A model folder, its size and steps (from its sampling.json, the one source of a folder's defaults)
-    and the prompt and concepts it was made for (demo.json)."""
+    and the prompt, concepts and map layers it was made for (demo.json; layers None: the model's default)."""
 
     weights: Path
     trained: bool
@@ -26,6 +26,7 @@ class DemoModel:
     num_steps: int
     prompt: str = "a circle and a square on grass"
     concepts: list[str] = field(default_factory=lambda: ["circle", "square", "grass"])
+    layers: list[int] | None = None
 
     @property
     def label(self) -> str:
@@ -47,7 +48,8 @@ def demo_model(announce: bool = True, folder: Path = DEMO_WEIGHTS) -> DemoModel:
         settings = json.loads((folder / "demo.json").read_text())
         demo = DemoModel(weights=folder, trained=True, **_folder_size_and_steps(folder), **settings)
         if announce:
-            print(f"Using the embedded demo model in {folder} (pass --weights DIR for the real Flux.1).")
+            layers = f", maps of layers {' '.join(map(str, demo.layers))} unless --layers" if demo.layers else ""
+            print(f"Using the embedded demo model in {folder}{layers} (pass --weights DIR for the real Flux.1).")
         return demo
     from flux_mini.tiny import build_tiny_weights
 

@@ -1,5 +1,5 @@
 """Quick probes of a demo-model export (issue 14: does a CPU-sized Flux learn shapes?), faster than the
-benchmark and per layer. All on image stream 2 (training uses 0), empty prompt, encode mode, 2 noise samples,
+benchmark and per layer. All on image stream 2 (training uses 0), empty prompt, encode mode at t = 0.5 (--t), 2 noise samples,
 maps upsampled bilinearly, as the shapes-binding preset.
 
     PYTHONPATH=. python scripts/probe_demo.py binding WORK/exports/step-010000 --images 30
@@ -42,7 +42,7 @@ def upsampled_argmax(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(maps[None].float(), size=size, mode="bilinear")[0].argmax(0).numpy()
 
 
-def binding(pipe, images: int, attention: str = "both") -> None:
+def binding(pipe, images: int, attention: str = "both", t: float = 0.5) -> None:
     depth = pipe.flux.model.config.depth
     for kind in ("shape", "colour"):
         hits: dict[str, int] = {}
@@ -55,11 +55,12 @@ def binding(pipe, images: int, attention: str = "both") -> None:
                 continue
             done += 1
             every = range(depth + pipe.flux.model.config.depth_single_blocks)
-            out = pipe.encode_image(sample.image, [sample.class_names[0], *words], prompt="", t=0.5, num_samples=2,
+            out = pipe.encode_image(sample.image, [sample.class_names[0], *words], prompt="", t=t, num_samples=2,
                                     attention=attention,
                                     per_layer=True, layer_indices=every)
             layers = out.layer_maps["output"]  # (layers, r, h, w): the double blocks, then the single blocks
-            variants = {f"layer {i}": layers[i] for i in every} | {"double blocks": layers[:depth].mean(0)}
+            variants = {f"layer {i}": layers[i] for i in every} | {"double blocks": layers[:depth].mean(0),
+                                                                    "last two double blocks": layers[depth - 2:depth].mean(0)}
             objects = sample.mask > 0
             total += int(objects.sum())
             for name, maps in variants.items():
@@ -69,13 +70,13 @@ def binding(pipe, images: int, attention: str = "both") -> None:
               + ", ".join(f"{name} {100 * hit / total:.0f}%" for name, hit in hits.items()))
 
 
-def recognition(pipe, images: int, attention: str = "both") -> None:
+def recognition(pipe, images: int, attention: str = "both", t: float = 0.5) -> None:
     words = ["background", *SHAPES]
     for protocol in ("empty prompt", "caption"):
         counts = np.zeros((len(SHAPES), len(words)), dtype=np.int64)  # true shape x word that won the pixel
         for index in range(images):
             sample = make_sample(STREAM, index, ShapesConfig(two_object_prob=0.0))
-            out = pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=0.5, num_samples=2,
+            out = pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=t, num_samples=2,
                                     attention=attention,
                                     prompt="" if protocol == "empty prompt" else sample.caption)
             predicted = upsampled_argmax(out.concept_maps, sample.mask.shape)
@@ -117,7 +118,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     return (test_x @ weight + bias).argmax(1) == test_y
 
 
-def decodable(pipe, images: int) -> None:
+def decodable(pipe, images: int, t: float = 0.5) -> None:
     model = pipe.flux.model
     blocks = range(model.config.depth)
     sites = ["img_in"] + [f"double_blocks.{i}.{site}" for i in blocks for site in ("img_attn", "img")]
@@ -126,7 +127,7 @@ def decodable(pipe, images: int) -> None:
         for index in range(images):
             sample = make_sample(STREAM, index, ShapesConfig())
             cache = Interventions(model, cache=sites)
-            pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=0.5, num_samples=1, interventions=cache,
+            pipe.encode_image(sample.image, [sample.class_names[0], *SHAPES], t=t, num_samples=1, interventions=cache,
                               prompt="" if protocol == "empty prompt" else sample.caption)
             inside, owner = object_tokens(sample.mask, pipe.flux.token_grid(*sample.mask.shape))
             for site in sites:
@@ -147,7 +148,7 @@ def decodable(pipe, images: int) -> None:
                   + (f"{100 * two.mean():.0f}%" if len(two) else "(no test image has two shapes)"))
 
 
-def grounding(pipe, images: int) -> None:
+def grounding(pipe, images: int, t: float = 0.5) -> None:
     model = pipe.flux.model
     depth = model.config.depth
     sites = [f"double_blocks.{i}.{site}" for i in range(depth) for site in ("concept_q", "k")]
@@ -161,7 +162,7 @@ def grounding(pipe, images: int) -> None:
             continue
         done += 1
         cache = Interventions(model, cache=sites)
-        pipe.encode_image(sample.image, sample.class_names, prompt="", t=0.5, num_samples=1, interventions=cache)
+        pipe.encode_image(sample.image, sample.class_names, prompt="", t=t, num_samples=1, interventions=cache)
         grid = pipe.flux.token_grid(*sample.mask.shape)
         mask = torch.from_numpy(sample.mask)
         regions = torch.stack([F.adaptive_avg_pool2d((mask == i).double()[None], grid)[0].flatten() for i in range(3)])
@@ -215,19 +216,20 @@ def main() -> None:
     parser.add_argument("--attention", default="both", choices=("both", "cross", "self", "none"),
                         help="binding, recognition: what the concept queries attend to (both: the method; cross: the "
                         "image only; self: the concepts only; none: o_c = v_c)")
+    parser.add_argument("--t", type=float, default=0.5, help="noise level of encode mode (the presets: 0.5)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from concept_attention.pipeline import ConceptAttentionPipeline
 
     pipe = ConceptAttentionPipeline.from_folder(args.model)
     if args.probe == "binding":
-        binding(pipe, args.images, args.attention)
+        binding(pipe, args.images, args.attention, args.t)
     elif args.probe == "recognition":
-        recognition(pipe, args.images, args.attention)
+        recognition(pipe, args.images, args.attention, args.t)
     elif args.probe == "decodable":
-        decodable(pipe, args.images)
+        decodable(pipe, args.images, args.t)
     elif args.probe == "grounding":
-        grounding(pipe, args.images)
+        grounding(pipe, args.images, args.t)
     else:
         drawing(pipe)
 

@@ -45,6 +45,26 @@ def test_demo_settings_describe_the_shipped_model():
     assert demo.concepts and all(word in demo.prompt for word in demo.concepts[:2])
 
 
+def test_the_demo_command_maps_the_layers_its_folder_names(tmp_path):
+    """Without --weights, the maps average the layers of weights/demo/demo.json (those the benchmark's shapes
+    presets read): the same maps as naming the folder and those layers, not those of the model's default."""
+    from concept_attention.cli import main
+    from concept_attention.segmentation.protocols import DEMO_LAYERS
+
+    demo = demo_model(announce=False)
+    assert demo.layers == list(DEMO_LAYERS)
+    common = ["generate", "--prompt", "a red circle and a blue square on grass", "--concepts", "circle", "square",
+              "grass", "--quiet", "--steps", "2"]
+    runs = {"embedded": [], "named": ["--weights", str(DEMO_WEIGHTS), "--layers", *map(str, demo.layers)],
+            "default": ["--weights", str(DEMO_WEIGHTS)]}
+    maps = {}
+    for name, extra in runs.items():
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        maps[name] = torch.load(tmp_path / name / "maps.pt", weights_only=True)["concept_maps"]
+    assert torch.equal(maps["embedded"], maps["named"])
+    assert not torch.allclose(maps["embedded"], maps["default"], atol=1e-3)
+
+
 def test_readme_first_command_writes_its_pictures(tmp_path):
     """The demo command of the README, as a subprocess (it must also finish well within a minute)."""
     readme = (ROOT / "README.md").read_text()

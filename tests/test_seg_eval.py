@@ -399,7 +399,7 @@ def test_demo_model_run_equals_an_independent_recomputation(tmp_path):
 
     def confusion(num_samples: int) -> np.ndarray:
         out = pipe.encode_image(sample.image, concepts, prompt=sample.caption, t=preset.t, num_samples=num_samples,
-                                seed=preset.seed)  # default layers: the last four double blocks
+                                seed=preset.seed, layer_indices=preset.layers)
         assert preset.map_resample == "bilinear"
         maps = torch.nn.functional.interpolate(out.concept_maps[None].double(), size=(32, 32), mode="bilinear",
                                                align_corners=False)[0]

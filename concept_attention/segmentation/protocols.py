@@ -93,6 +93,8 @@ class SegProtocol:
 # t = e^mu / (e^mu + (1/0.25 - 1)) with mu = 1.15 for 4096 image tokens.
 VOC_T = math.exp(1.15) / (math.exp(1.15) + 3.0)
 
+DEMO_T, DEMO_LAYERS = 0.1, (2, 3)  # the shapes presets' noise level and layers (the demo model's demo.json too)
+
 PRESETS: dict[str, SegProtocol] = {
     "paper-imagenet": SegProtocol(
         name="paper-imagenet", task="binary",
@@ -113,14 +115,16 @@ PRESETS: dict[str, SegProtocol] = {
         t=VOC_T, noise_timestep=3, num_steps=4, num_samples=1, seed=0, layers=(14, 15, 16, 17),
         normalize="linear", softmax=False, blur=False, ap_minmax=False),
     # The synthetic shapes (concept_attention/shapes.py) for the demo model: the background word of each image
-    # is a class of its own, images keep their size (32), t = 0.5, two noise samples, the pipeline's default
-    # layers (the last four double blocks = all four of the demo model's), softmax, argmax. The 16x16 maps are
-    # upsampled bilinearly: with nearest, even the exact label fractions of each token (oracle_token_grid) give
-    # only ~86% of object pixels their label on two-object images, since a 2x2 token cannot follow an outline.
+    # is a class of its own, images keep their size (32), t = 0.1, two noise samples, the last two of its four
+    # double blocks (DEMO_LAYERS), softmax, argmax. The paper's t = 0.5 and late layers (14-18 of 19) are for
+    # 1024-pixel latents; for the demo's 32-pixel images t and the layers were chosen on image stream 2
+    # (scripts/probe_demo.py; the benchmark's default stream is 1). The 16x16 maps are upsampled bilinearly:
+    # with nearest, even the exact label fractions of each token (oracle_token_grid) give only ~86% of object
+    # pixels their label on two-object images, since a 2x2 token cannot follow an outline.
     "shapes": SegProtocol(
         name="shapes", task="multiclass", background_concepts=(), class_first=False,
         threshold="argmax", eval_size=32, pipeline_size=None, input_size=None, input_resample="nearest",
-        t=0.5, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=None,
+        t=DEMO_T, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=DEMO_LAYERS,
         normalize=None, softmax=True, blur=False, ap_minmax=False, caption_template="{caption}",
         map_resample="bilinear"),
     # The same with the empty prompt (what encoding an unseen image gives): the words offered must be found
@@ -128,7 +132,7 @@ PRESETS: dict[str, SegProtocol] = {
     "shapes-binding": SegProtocol(
         name="shapes-binding", task="multiclass", background_concepts=(), class_first=False,
         threshold="argmax", eval_size=32, pipeline_size=None, input_size=None, input_resample="nearest",
-        t=0.5, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=None,
+        t=DEMO_T, noise_timestep=2, num_steps=4, num_samples=2, seed=0, layers=DEMO_LAYERS,
         normalize=None, softmax=True, blur=False, ap_minmax=False, caption_template="",
         map_resample="bilinear"),
     # Your own folder on any model: every class present (label 0 under its classes.csv name, no extra background
