@@ -3,7 +3,9 @@
 A run keeps everything in --work-dir (outside the repository): `recipe.json` (what a new run was started
 with), text encoders (t5/, clip/), `checkpoint.pt` (model, EMA, optimizer, step, RNG: the same command
 continues bit-exactly on the same device) and `exports/step-NNNNNN/`, every --export-every steps a folder
-FluxPipeline.from_folder loads (EMA weights). Runs on the CPU or a GPU (--device).
+FluxPipeline.from_folder loads (EMA weights). Runs on the CPU or a GPU (--device). The shipped model is two
+runs: the flow loss from scratch, then a fine-tuning run (--init-from) with the shape and grounding losses
+(weights/demo/README.md has both commands).
 
     PYTHONPATH=. python scripts/train_demo.py --work-dir /work/demo-training-v2 --steps 20000   # new or resumed
     PYTHONPATH=. python scripts/train_demo.py --work-dir /work/demo-training-v2 --benchmark-only \

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from concept_attention.demo import DEMO_WEIGHTS, demo_model
 from flux_mini.checkpoint import read_safetensors
@@ -63,6 +65,57 @@ def test_the_demo_command_maps_the_layers_its_folder_names(tmp_path):
         maps[name] = torch.load(tmp_path / name / "maps.pt", weights_only=True)["concept_maps"]
     assert torch.equal(maps["embedded"], maps["named"])
     assert not torch.allclose(maps["embedded"], maps["default"], atol=1e-3)
+
+
+def test_shipped_demo_model_binds_shape_words_by_shape():
+    """Issue 14: on two-object images with two different shapes, offered only [background, shape 1, shape 2] with
+    the empty prompt at the shapes presets' t and layers, most object pixels take their own shape word, and the
+    same model's cross-attention maps do not bind them."""
+    import torch.nn.functional as F
+
+    from concept_attention.pipeline import ConceptAttentionPipeline
+    from concept_attention.segmentation.protocols import DEMO_LAYERS, DEMO_T
+    from concept_attention.shapes import make_sample
+
+    pipe = ConceptAttentionPipeline.from_folder(DEMO_WEIGHTS)
+    hits = {"concept": 0, "cross": 0}
+    total, index, images = 0, 0, 0
+    while images < 12:
+        sample = make_sample(4, index)  # a stream no training run, probe or README table uses
+        index += 1
+        if len(sample.class_names) != 3 or sample.class_names[1] == sample.class_names[2]:
+            continue
+        images += 1
+        out = pipe.encode_image(sample.image, sample.class_names, prompt="", t=DEMO_T, num_samples=2,
+                                layer_indices=list(DEMO_LAYERS))
+        objects = sample.mask > 0
+        total += int(objects.sum())
+        for name, maps in (("concept", out.concept_maps), ("cross", out.cross_attention_maps)):
+            predicted = F.interpolate(maps[None].float(), size=sample.mask.shape, mode="bilinear")[0].argmax(0)
+            hits[name] += int((predicted.numpy()[objects] == sample.mask[objects]).sum())
+    assert hits["concept"] / total > 0.8, hits["concept"] / total  # measured: 0.886
+    assert hits["cross"] / total < 0.5, hits["cross"] / total  # measured: 0.269
+
+
+def test_readme_encode_command_finds_each_pink_object_by_its_shape(tmp_path):
+    """The README's encode example: weights/demo/example.png is image 3 of stream 1 (a pink square and a pink
+    triangle), and its maps give most of each object's pixels to that object's shape word."""
+    from concept_attention.cli import main
+    from concept_attention.shapes import make_sample
+
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("concept-attention encode --image weights"))
+    argv = command.split("concept-attention ", 1)[1].replace("demo-encode", str(tmp_path / "out")).split()
+    sample = make_sample(1, 3)
+    example = ROOT / "weights" / "demo" / "example.png"
+    assert np.array_equal(np.asarray(Image.open(example)), np.asarray(sample.image))
+    assert sample.class_names == ["sky", "triangle", "square"] and sample.colours == ["pink", "pink"]
+    assert main(["encode", *argv[1:], "--quiet"]) == 0 and argv[0] == "encode"
+    concepts = argv[argv.index("--concepts") + 1: argv.index("--t")]
+    maps = torch.load(tmp_path / "out" / "maps.pt", weights_only=True)["concept_maps"]  # (concepts, 16, 16)
+    winner = torch.nn.functional.interpolate(maps[None].float(), size=(32, 32), mode="bilinear")[0].argmax(0).numpy()
+    for label, shape in ((1, "triangle"), (2, "square")):
+        assert (winner[sample.mask == label] == concepts.index(shape)).mean() > 0.8, shape
 
 
 def test_readme_first_command_writes_its_pictures(tmp_path):
