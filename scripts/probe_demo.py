@@ -1,15 +1,16 @@
 """Quick probes of a demo-model export (issue 14: does a CPU-sized Flux learn shapes?), faster than the
-benchmark and per layer. All on image stream 2 (training uses 0), empty prompt, encode mode at t = 0.5 (--t), 2 noise samples,
-maps upsampled bilinearly, as the shapes-binding preset.
+benchmark and per layer. All on image stream 2 (training uses 0), empty prompt, encode mode at t = 0.5 (--t; the
+shapes presets use 0.1), 2 noise samples, maps upsampled bilinearly, as the shapes-binding preset.
 
-    PYTHONPATH=. python scripts/probe_demo.py binding WORK/exports/step-010000 --images 30
+    PYTHONPATH=. python scripts/probe_demo.py binding WORK/exports/step-010000 --images 60 --t 0.1
     PYTHONPATH=. python scripts/probe_demo.py recognition WORK/exports/step-010000
     PYTHONPATH=. python scripts/probe_demo.py decodable WORK/exports/step-010000 --images 120
+    PYTHONPATH=. python scripts/probe_demo.py grounding WORK/exports/step-010000 --images 20
     PYTHONPATH=. python scripts/probe_demo.py drawing WORK/exports/step-010000
 
 binding:      two-object images with two different shape words (then: two different colour words), offered
-              [background, word 1, word 2]: % of object pixels on their own word, per layer and for the mean
-              of the double blocks (the benchmark's maps).
+              [background, word 1, word 2]: % of object pixels on their own word, per layer, for the mean
+              of the double blocks and for the mean of the last two (the shapes presets' maps).
 recognition:  single-object images offered [background, circle, square, triangle], empty prompt and the image's
               own caption: % of object pixels on the right shape word (chance among the shapes: 33%), and which
               word wins each shape's pixels.
@@ -17,6 +18,10 @@ decodable:    is the shape of a token's object in the image stream at all? A lin
               per site, on tokens that lie inside one object, trained on the first 70% of the images and
               scored on the rest, with the empty prompt and with the image's own caption; "two shapes" scores
               only the images whose two objects have different shapes (where the caption must be bound).
+grounding:    two-object images with two different shapes, offered [background, shape 1, shape 2]: the share of
+              each concept's attention over the image tokens (softmax over them, mean of the heads, one noise
+              sample) that lies on its own region (the background word: the background; a shape word: its
+              object, and on the other object), per double block: does a concept find its object at all?
 drawing:      48 single-object captions (3 shapes x 4 colours x 4 backgrounds, seed 0): how often the drawn
               object has the shape asked for, judged by how much of its bounding box it fills (a square
               1, a circle pi/4, a triangle 1/2; exact on the dataset's own images).
