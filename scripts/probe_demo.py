@@ -171,7 +171,7 @@ def grounding(pipe, images: int, t: float = 0.5) -> None:
         grid = pipe.flux.token_grid(*sample.mask.shape)
         mask = torch.from_numpy(sample.mask)
         regions = torch.stack([F.adaptive_avg_pool2d((mask == i).double()[None], grid)[0].flatten() for i in range(3)])
-        areas += [regions[0].mean().item(), regions[1:].mean().item() * 1]
+        areas += [regions[0].mean().item(), regions[1:].mean().item()]
         for layer in range(depth):
             q = cache.cache[0][f"double_blocks.{layer}.concept_q"][0].double()  # (H, r, Dh)
             k = cache.cache[0][f"double_blocks.{layer}.k"][0, :, -regions.shape[1]:].double()  # (H, L, Dh)
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--attention", default="both", choices=("both", "cross", "self", "none"),
                         help="binding, recognition: what the concept queries attend to (both: the method; cross: the "
                         "image only; self: the concepts only; none: o_c = v_c)")
-    parser.add_argument("--t", type=float, default=0.5, help="noise level of encode mode (the presets: 0.5)")
+    parser.add_argument("--t", type=float, default=0.5, help="noise level of encode mode (the shapes presets: 0.1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from concept_attention.pipeline import ConceptAttentionPipeline

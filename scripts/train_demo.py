@@ -196,28 +196,36 @@ def word_regions(sample: ShapesSample, token_ids: torch.Tensor, word_ids: dict[i
     return regions
 
 
+def grounded_words(recipe: dict) -> tuple[str, ...]:
+    """The caption words the recipe's grounding loss grounds (none without one): the shape words, then the
+    background words and the colour words when asked."""
+    if recipe["grounding_loss"] == 0:
+        return ()
+    return (*SHAPES, *(BACKGROUND_COLOURS if recipe["ground_background"] else ()),
+            *(COLOURS if recipe["ground_colours"] else ()))
+
+
 def shapes_data(
     encoder: CaptionEncoder, batch_size: int, single_object_steps: int = 0, seed: int = TRAIN_SEED, patch: int = 2,
-    ground_background: bool = True, ground_colours: bool = False,
+    shape_labels: bool = False, grounded: tuple[str, ...] = (),
 ):
     """Batch i = samples i*B .. i*B + B - 1 of the stream `seed`: a pure function of the step. Curriculum: the
     first `single_object_steps` batches show one object per image (each shape word alone with its outline).
-    Batches carry each token's shape (`token_shapes`) and the regions of the caption's shape words
-    and, with `ground_background` / `ground_colours`, of its background word / colour words (`word_regions`),
-    which only runs with a shape or grounding loss read."""
+    For the auxiliary losses, batches also carry each token's shape (`shape_labels`: `token_shapes`) and the
+    regions of the caption words in `grounded` (`word_regions`)."""
     single, mixed = ShapesConfig(two_object_prob=0.0), ShapesConfig()
     autoencoder = pixel_autoencoder(patch)
-    grounded = list(SHAPES) + (list(BACKGROUND_COLOURS) if ground_background else []) + (
-        list(COLOURS) if ground_colours else [])
-    word_ids = dict(zip(encoder.token_ids(grounded)[:, 0].tolist(), grounded))
+    word_ids = dict(zip(encoder.token_ids(list(grounded))[:, 0].tolist(), grounded)) if grounded else {}
 
     def data(step: int) -> Batch:
         config = single if step < single_object_steps else mixed
         samples = [make_sample(seed, step * batch_size + i, config) for i in range(batch_size)]
         txt, y = encoder([s.caption for s in samples])
-        labels = torch.stack([token_shapes(s, patch) for s in samples])
-        ids = encoder.token_ids([s.caption for s in samples])
-        regions = torch.stack([word_regions(s, i, word_ids, patch) for s, i in zip(samples, ids)])
+        labels = torch.stack([token_shapes(s, patch) for s in samples]) if shape_labels else None
+        regions = None
+        if grounded:
+            ids = encoder.token_ids([s.caption for s in samples])
+            regions = torch.stack([word_regions(s, i, word_ids, patch) for s, i in zip(samples, ids)])
         return Batch(autoencoder.encode(to_pixels([s.image for s in samples])), txt, y, labels, regions)
 
     return data
@@ -324,8 +332,9 @@ def main() -> None:
                        "block names the shape under each token (teaches the image stream to recognise shapes), "
                        f"default {RECIPE_DEFAULTS['shape_loss']} (off)")
     group.add_argument("--grounding-loss", type=float,
-                       help="weight of an auxiliary loss: each shape word of a caption attends (text queries on "
-                       "image keys, every double block) to the objects it names, as TokenCompose does; "
+                       help="weight of an auxiliary loss: each shape word of a caption (and its background and "
+                       "colour words, see below) attends (text queries on image keys, every double block) to what it "
+                       "names, as TokenCompose's token loss; "
                        f"default {RECIPE_DEFAULTS['grounding_loss']} (off)")
     group.add_argument("--init-from", type=str, metavar="EXPORT",
                        help="start from the weights (and text encoders) of an export folder, e.g. weights/demo, "
@@ -382,11 +391,12 @@ def main() -> None:
             recipe["init_sha256"] = initial_weights(Path(recipe["init_from"]), recipe)[1]
         work.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
-        if recipe["init_from"] is not None:  # the model reads words through the encoders it was trained with
+    if not (work / "clip").exists():
+        if recipe["init_from"] is None:
+            build_text_encoders(work, vocabulary(), seed=0)
+        else:  # the model reads words through the encoders it was trained with
             for name in ("t5", "clip"):
-                shutil.copytree(Path(recipe["init_from"]) / name, work / name)
-    if not (work / "t5").exists():
-        build_text_encoders(work, vocabulary(), seed=0)
+                shutil.copytree(Path(recipe["init_from"]) / name, work / name, dirs_exist_ok=True)
     encoder = CaptionEncoder(work)
     checkpoint = work / "checkpoint.pt"
     if checkpoint.exists():
@@ -419,7 +429,7 @@ def main() -> None:
     if trainer.step == 0:
         export(trainer)  # the untrained model (weights/demo-untrained)
     data = shapes_data(encoder, trainer.config.batch_size, recipe["single_object_steps"], patch=recipe["patch"],
-                       ground_background=recipe["ground_background"], ground_colours=recipe["ground_colours"])
+                       shape_labels=recipe["shape_loss"] > 0, grounded=grounded_words(recipe))
     trainer.fit(data, args.steps, checkpoint, args.checkpoint_every, export)
 
 

@@ -355,6 +355,17 @@ def test_demo_recipe_resumes_bit_exactly_across_the_curriculum(tmp_path, monkeyp
     assert torch.equal(data(0).latents, demo.to_pixels([make_sample(0, i, ShapesConfig(two_object_prob=0.0)).image
                                                          for i in range(8)]))
     assert torch.equal(data(1).latents, demo.to_pixels([make_sample(0, 8 + i).image for i in range(8)]))
+    assert data(1).token_labels is None and data(1).word_regions is None  # built only for the losses that read them
+    words = demo.grounded_words(demo.RECIPE_DEFAULTS | {"grounding_loss": 1.0, "ground_colours": True})
+    assert words == ("circle", "square", "triangle", "grass", "sky", "sand", "night",
+                     "red", "orange", "yellow", "blue", "purple", "pink")
+    assert demo.grounded_words(demo.RECIPE_DEFAULTS) == ()
+    labelled = demo.shapes_data(encoder, batch_size=8, shape_labels=True, grounded=words)(1)
+    sample = make_sample(0, 8)
+    ids = encoder.token_ids([sample.caption])[0]
+    assert torch.equal(labelled.token_labels[0], demo.token_shapes(sample, 2))
+    assert labelled.word_regions[0].sum() > 0 and torch.equal(
+        labelled.word_regions[0], demo.word_regions(sample, ids, dict(zip(encoder.token_ids(list(words))[:, 0].tolist(), words)), 2))
     # a recipe flag that differs from recipe.json is refused, not silently ignored; an equal one is fine, and a
     # recipe written before --patch existed ran with 2x2 pixels per token
     with pytest.raises(SystemExit, match=r"--hidden 48 \(recipe.json: 24\)"):
